@@ -1,0 +1,14 @@
+"""`make steps`: list the ablation steps and the Kconfig symbols each one sets."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib.steps import load_steps  # noqa: E402
+
+if __name__ == "__main__":
+    for step in load_steps().values():
+        print(f"{step.id:4s} {step.description}")
+        base = f"{step.extends} + " if step.extends else ""
+        print(f"     {base}" + " ".join(f"{k}={v}" for k, v in step.own.items()))
