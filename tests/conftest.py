@@ -1,0 +1,66 @@
+"""Shared fixtures: real configurations built from the real Kconfig tree and presets."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from lib import config as cfg  # noqa: E402
+
+# A tiny single-run CPU configuration: char tokenizer keeps the output layer small.
+TINY_OVERRIDES = {
+    "MATRIX": "n",
+    "TOKENIZER_CHAR": "y",
+    "MODEL_BLOCK_SIZE": "32",
+    "TRAIN_BATCH_SIZE": "4",
+    "GPT2_MAX_TIME": "0",
+    "TRAIN_MAX_ITERS": "20",
+    "TRAIN_EVAL_INTERVAL": "10",
+    "TRAIN_EVAL_BATCHES": "2",
+    "TRAIN_LOG_INTERVAL": "5",
+    "TRAIN_CHECKPOINT_INTERVAL": "10",
+}
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config(overrides=None, preset="cpu-default", tiny=True, name="config") -> Path of a full .config.
+
+    The data and results directories point into tmp_path unless overridden.
+    """
+
+    def build(overrides=None, preset="cpu-default", tiny=True, name="config"):
+        base = tmp_path / f"{name}.base"
+        cfg.apply_defconfig(cfg.preset_path(preset), base)
+        merged = dict(TINY_OVERRIDES) if tiny else {}
+        merged.update({"RESULTS_DIR": str(tmp_path / "results"), "DATA_DIR": str(shared_data_dir())})
+        merged.update(overrides or {})
+        out = tmp_path / name
+        cfg.write_cell_config(base, merged, out)
+        return out
+
+    return build
+
+
+def shared_data_dir() -> Path:
+    """Prepared datasets are reused across tests (preparation is idempotent)."""
+    return REPO_ROOT / "data"
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    """A copy of the repository's configuration machinery, for tests that run make and write .config."""
+    dest = tmp_path / "repo"
+    dest.mkdir()
+    for name in ("Kconfig", "kconfig", "defconfigs", "Makefile", "lib", "scripts", "gpt2", "requirements.txt"):
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    (dest / ".venv").symlink_to(REPO_ROOT / ".venv")
+    return dest
