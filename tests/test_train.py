@@ -1,0 +1,210 @@
+"""The trainer end to end on tiny CPU runs: run directory, budget, reproducibility, failure, quality, DDP."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2 import train
+from gpt2.train import Budget
+from lib.config import load_settings
+from lib.runs import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+METRIC_KEYS = {"status", "failure_reason", "iters", "tokens_seen", "tokens_per_s", "ms_per_step", "mfu", "params",
+               "final_val_loss", "best_val_loss", "final_val_ppl", "unigram_entropy", "peak_mem_bytes",
+               "train_time_s", "eval_time_s", "compile_time_s", "gates"}
+EVAL_KEYS = {"iter", "tokens", "train_time_s", "wall_time_s", "train_loss", "val_loss", "val_ppl", "lr"}
+
+
+def clean_env():
+    """The test's own budget, not one a caller exported (GPT2_MAX_TIME=600 make test)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GPT2_")}
+
+
+def train_in_process(config, run_dir, resume=False, environ=None):
+    settings = load_settings(config, environ=environ or {})
+    return train.run(settings, config, run_dir, resume=resume, argv=["tests"])
+
+
+def metrics(run_dir):
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def step_losses(run_dir):
+    return [float(m) for m in re.findall(r"^\S+ \S+ iter \d+ \| loss (\S+)", (Path(run_dir) / "train.log").read_text(),
+                                         re.M)]
+
+
+def test_budget_fraction_and_stop():
+    b = Budget(max_time_s=10, max_iters=100)
+    assert b.fraction(5, 10) == 0.5 and b.fraction(1, 60) == 0.6 and b.fraction(50, 0) == 1.0
+    assert b.stop_reason(9.9, 99) is None and b.stop_reason(10, 1) == "max_time" and b.stop_reason(0, 100) == "max_iters"
+    assert Budget(0, 10).fraction(1e9, 5) == 0.5
+    with pytest.raises(ValueError, match="no budget"):
+        Budget(0, 0)
+
+
+def test_script_writes_self_describing_run_dir(make_config, tmp_path):
+    config = make_config()
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("config", "env.json", "train.log", "eval.jsonl", "metrics.json", "ckpt.pt"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "config").read_text() == config.read_text()
+    m = metrics(run_dir)
+    assert METRIC_KEYS <= set(m)
+    assert m["status"] == "done" and m["failure_reason"] is None and m["iters"] == 20
+    assert m["tokens_seen"] == 20 * 4 * 32 and m["params"] > 0 and m["tokens_per_s"] > 0
+    assert m["mfu"] is None and m["peak_mem_bytes"] is None  # CPU
+    assert m["gates"] == [] and m["final_val_ppl"] == pytest.approx(2.718281828 ** m["final_val_loss"])
+    records = read_jsonl(run_dir / "eval.jsonl")
+    assert [r["iter"] for r in records] == [10, 20] and all(EVAL_KEYS <= set(r) for r in records)
+    assert records[-1]["val_loss"] == m["final_val_loss"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"commit", "diff", "untracked"} <= set(env["git"]) and env["torch"] and env["host"]
+    assert any("scripts/train.py" in part for part in env["command"])
+    log = (run_dir / "train.log").read_text()
+    assert "float32" in log and "unigram entropy" in log and "final val loss" in proc.stdout
+    # A second start in the same directory without --resume is refused and leaves the run alone.
+    again = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert again.returncode != 0 and "--resume" in again.stderr
+    assert metrics(run_dir)["status"] == "done"
+
+
+def test_same_seed_same_curve(make_config, tmp_path):
+    over = {"TRAIN_MAX_ITERS": "12", "TRAIN_LOG_INTERVAL": "1", "TRAIN_EVAL_INTERVAL": "6",
+            "TRAIN_CHECKPOINT_INTERVAL": "0", "MODEL_DROPOUT": "0.1"}
+    config = make_config(over)
+    for name in ("a", "b"):
+        assert train_in_process(config, tmp_path / name) == 0
+    other = make_config({**over, "SEED": "7"}, name="seed7")
+    assert train_in_process(other, tmp_path / "c") == 0
+    a, b, c = (step_losses(tmp_path / n) for n in "abc")
+    assert len(a) == 12 and a == b and a != c
+    strip = lambda rs: [{k: r[k] for k in ("iter", "train_loss", "val_loss", "lr")} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(tmp_path / "a" / "eval.jsonl")) == strip(read_jsonl(tmp_path / "b" / "eval.jsonl"))
+
+
+def test_nan_loss_fails_the_run(make_config, tmp_path):
+    config = make_config({"DEBUG_INJECT_NAN_AT_ITER": "7", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    assert train_in_process(config, tmp_path / "run") == 1
+    m = metrics(tmp_path / "run")
+    assert m["status"] == "failed" and "non-finite training loss" in m["failure_reason"]
+    assert "iter 7" in m["failure_reason"] and m["iters"] <= 10
+    assert not (tmp_path / "run" / "ckpt.pt").exists()  # a poisoned model is never checkpointed
+
+
+def test_time_budget_env_override_and_schedule(make_config, tmp_path):
+    config = make_config({"TRAIN_MAX_ITERS": "0", "GPT2_MAX_TIME": "100", "TRAIN_EVAL_INTERVAL": "25",
+                          "TRAIN_LOG_INTERVAL": "10", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    assert train_in_process(config, tmp_path / "run", environ={"GPT2_MAX_TIME": "2"}) == 0
+    m = metrics(tmp_path / "run")
+    assert m["stop_reason"] == "max_time" and m["budget"]["max_time_s"] == 2
+    assert 2.0 <= m["train_time_s"] < 3.0, m["train_time_s"]
+    assert m["eval_time_s"] > 0 and m["compile_time_s"] > 0  # timed, never charged
+    settings = load_settings(config, environ={})
+    lr_min, lr = settings.train.lr_min, settings.train.lr
+    last = read_jsonl(tmp_path / "run" / "eval.jsonl")[-1]
+    assert last["lr"] <= lr_min + 0.05 * (lr - lr_min)  # the decay completed within the time budget
+
+
+def test_resume_spends_only_the_remaining_budget(make_config, tmp_path):
+    config = make_config({"TRAIN_MAX_ITERS": "10", "TRAIN_EVAL_INTERVAL": "5", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    run_dir = tmp_path / "run"
+    assert train_in_process(config, run_dir) == 0
+    first = metrics(run_dir)
+    assert train_in_process(config, run_dir, resume=True) == 0  # budget already spent: nothing more
+    assert metrics(run_dir)["iters"] == 10
+    assert train_in_process(config, run_dir, resume=True, environ={"GPT2_MAX_ITERS": "16"}) == 0
+    m = metrics(run_dir)
+    assert m["iters"] == 16 and m["sessions"] == 3 and m["tokens_seen"] == 16 * 4 * 32
+    assert m["train_time_s"] > first["train_time_s"]
+    assert [r["iter"] for r in read_jsonl(run_dir / "eval.jsonl")] == [5, 10, 15, 16]
+    assert "resuming at iter 10" in (run_dir / "train.log").read_text()
+
+
+def test_short_run_beats_unigram_entropy(make_config, tmp_path):
+    config = make_config({"TRAIN_MAX_ITERS": "150", "MODEL_BLOCK_SIZE": "64", "TRAIN_BATCH_SIZE": "8",
+                          "TRAIN_LR": "3e-3", "TRAIN_LR_MIN": "3e-4", "TRAIN_EVAL_INTERVAL": "150",
+                          "TRAIN_LOG_INTERVAL": "50", "TRAIN_EVAL_BATCHES": "8", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    assert train_in_process(config, tmp_path / "run") == 0
+    m = metrics(tmp_path / "run")
+    assert m["unigram_entropy"] > 3.0  # characters of English text
+    assert m["final_val_loss"] < m["unigram_entropy"] - 0.3, m
+
+
+def test_two_process_ddp_on_cpu(make_config, tmp_path):
+    config = make_config({"TRAIN_NUM_GPUS": "2", "TRAIN_GRAD_ACCUM": "2", "TRAIN_MAX_ITERS": "6",
+                          "TRAIN_EVAL_INTERVAL": "3", "TRAIN_CHECKPOINT_INTERVAL": "3"})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == "done" and m["world_size"] == 2 and m["iters"] == 6
+    assert m["tokens_seen"] == 6 * 4 * 2 * 32  # global batch kept: batch x grad_accum x block
+    import torch
+
+    state = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    assert len(state["ranks"]) == 2 and state["ranks"][1]["data"]["rank"] == 1
+
+
+def test_bench_smoke_writes_reports(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "2", "--repeats", "1"]) == 0
+    report = json.loads((tmp_path / "train-cpu-smoke.json").read_text())
+    assert report["ours"]["tokens_per_s"] > 0 and report["bare"]["tokens_per_s"] > 0 and report["ratio"] > 0
+    assert "| ours |" in (tmp_path / "train-cpu-smoke.md").read_text()
+
+
+def test_tracker_choice(tmp_path):
+    from gpt2.tracking import NullTracker, build_tracker
+    from lib.settings import TrackingSettings
+
+    assert isinstance(build_tracker(TrackingSettings(backend="none", project=""), tmp_path), NullTracker)
+    tensorboard = TrackingSettings(backend="tensorboard", project="p")
+    assert isinstance(build_tracker(tensorboard, tmp_path, enabled=False), NullTracker)  # non-main ranks
+    try:
+        tracker = build_tracker(tensorboard, tmp_path)
+    except RuntimeError as exc:  # tensorboard is optional
+        assert "pip install tensorboard" in str(exc)
+    else:
+        tracker.log({"train/loss": 1.0, "perf/mfu": None}, 1)
+        tracker.close()
+        assert any((tmp_path / "tensorboard").iterdir())
+    with pytest.raises(ValueError, match="not implemented"):
+        build_tracker(TrackingSettings(backend="wandb", project="p"), tmp_path)
+
+
+def test_trainer_starts_from_a_hugging_face_checkpoint(make_config, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from gpt2 import data
+
+    settings = load_settings(make_config(), environ={})
+    vocab = data.load_meta(data.prepare(settings.data))["vocab_size"]
+    hf_config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    config = make_config({"MODEL_INIT_HF": "y", "MODEL_HF_CHECKPOINT_DIR": str(tmp_path / "hf"),
+                          "TRAIN_MAX_ITERS": "2", "TRAIN_EVAL_INTERVAL": "2"}, name="hf-config")
+    assert train_in_process(config, tmp_path / "run") == 0
+    assert "init hf" in (tmp_path / "run" / "train.log").read_text()
+    wrong = make_config({"MODEL_INIT_HF": "y", "MODEL_HF_CHECKPOINT_DIR": str(tmp_path / "hf"),
+                         "MODEL_BLOCK_SIZE": "128"}, name="hf-wrong")
+    assert train_in_process(wrong, tmp_path / "wrong") == 1
+    assert "block_size: config 128 > checkpoint n_positions 64" in metrics(tmp_path / "wrong")["failure_reason"]
