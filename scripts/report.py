@@ -1,0 +1,46 @@
+"""Write report.md (+ PNG plots, report.json/csv) for a run directory or a matrix directory.
+
+    python scripts/report.py RUN_DIR        one training run: curves, numbers, gates
+    python scripts/report.py MATRIX_DIR     a matrix (has plan.json): the comparison report
+    python scripts/report.py                the newest run or matrix under the results directory of .config
+
+The report is built only from the files in the directory, so it can be rewritten at any time.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from lib.report import newest_reportable, write_report  # noqa: E402
+
+
+def _results_dir(config_path) -> Path:
+    from lib import config as cfg
+
+    try:
+        path = Path(cfg.load_settings(config_path, environ={}).general.results_dir)
+    except cfg.ConfigError:
+        path = Path("results")
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", nargs="?", help="a run or matrix directory (default: the newest)")
+    parser.add_argument("--config", default=".config", help="finds the results directory when none is given")
+    args = parser.parse_args(argv)
+    try:
+        directory = args.directory or newest_reportable(_results_dir(args.config))
+        path = write_report(directory)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
