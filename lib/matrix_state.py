@@ -28,15 +28,18 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
-from lib.matrix_plan import CELLS_DIR, PLAN_FILE
+from lib.matrix_plan import CELLS_DIR, PLAN_FILE, describe_changes, load_plan, save_plan
 from lib.runs import atomic_write_json
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
+CONSOLE_LOG = "console.log"
 STATUSES = ("pending", "running", "done", "failed")
 
 
@@ -59,6 +62,10 @@ class CellState:
     pgid: int = 0  # the cell's process group (train.py, torchrun and its workers), to clean up orphans
     gpus: str = ""  # CUDA_VISIBLE_DEVICES of the latest attempt
     note: str = ""  # e.g. "interrupted; resumes from checkpoint"
+
+    def wants_run(self, retry_failed=False) -> bool:
+        """Whether a runner should (re)start this cell: not done, and not failed unless retrying."""
+        return self.status != "done" and (self.status != "failed" or retry_failed)
 
 
 def state_path(matrix_dir, cell_id) -> Path:
@@ -201,11 +208,6 @@ class PlanChanged(Exception):
 
 def _stage_plan(results_dir, build) -> tuple:
     """Build a plan into a hidden staging directory (removed again if planning fails)."""
-    import shutil
-    import tempfile
-
-    from lib.matrix_plan import save_plan
-
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".plan-", dir=results_dir))
@@ -220,10 +222,6 @@ def _stage_plan(results_dir, build) -> tuple:
 
 def _adopt_plan(matrix_dir, staging, old, new) -> None:
     """--force: take the new plan into an existing directory; finished cells keep their results."""
-    import shutil
-
-    from lib.matrix_plan import save_plan
-
     done = {cid for cid, st in ((c.id, read_state(matrix_dir, c.id)) for c in old.cells) if st.status == "done"}
     for cell in new.cells:
         if cell.id in done:
@@ -246,10 +244,6 @@ def open_matrix(results_dir, build, *, name, directory=None, new=False, force=Fa
     rebuild_for(old_plan, matrix_dir) -> build function (continue): compare against a plan
     rebuilt from the directory's own stored inputs instead of `build`.
     """
-    import shutil
-
-    from lib.matrix_plan import load_plan
-
     matrix_dir = Path(directory) if directory else (None if new else latest_matrix_dir(results_dir, name))
     if matrix_dir is not None:
         lock = matrix_lock(matrix_dir).acquire()
@@ -258,8 +252,6 @@ def open_matrix(results_dir, build, *, name, directory=None, new=False, force=Fa
             staging, plan = _stage_plan(results_dir, rebuild_for(old, matrix_dir) if rebuild_for else build)
             try:
                 if plan.hash != old.hash:
-                    from lib.matrix_plan import describe_changes
-
                     changes = describe_changes(old, plan)
                     if not force:
                         raise PlanChanged(

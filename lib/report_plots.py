@@ -1,12 +1,10 @@
-"""PNG plots for lib.report (matplotlib, Agg backend: no display needed).
+"""PNG plots for the reports (matplotlib, Agg backend: no display needed).
 
 Each function writes its figure next to report.md and returns (title, file name)
 pairs for the markdown links.
 """
 
 from pathlib import Path
-
-import numpy as np
 
 
 def _pyplot():
@@ -25,6 +23,11 @@ def _save(fig, directory: Path, name: str) -> str:
     return name
 
 
+def _x_scale(x_column) -> float:
+    """Tokens are plotted in millions, seconds as they are."""
+    return 1e6 if x_column == "tokens" else 1.0
+
+
 def _colours(plt, variants) -> dict:
     """One colour per step, the same in every plot."""
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -41,13 +44,13 @@ def _curves(plt, records, variants, x_column, x_label, matched, title):
             if r.variant != variant or r.evals.empty:
                 continue
             points = r.evals[[x_column, "val_loss"]].dropna()
-            x = points[x_column] / (1e6 if x_column == "tokens" else 1.0)
+            x = points[x_column] / _x_scale(x_column)
             ax.plot(x, points["val_loss"], color=colours[variant], alpha=0.85 if r.done else 0.35,
                     linestyle="-" if r.done else ":", marker="." if len(points) < 30 else None,
                     label=variant if first else None)
             first = False
     if matched is not None:
-        ax.axvline(matched / (1e6 if x_column == "tokens" else 1.0), color="grey", linestyle="--", linewidth=1,
+        ax.axvline(matched / _x_scale(x_column), color="grey", linestyle="--", linewidth=1,
                    label="matched point")
     ax.set_xlabel(x_label)
     ax.set_ylabel("validation loss")
@@ -101,7 +104,8 @@ def matrix_plots(matrix_dir, records, steps, gates, variants, matched_time, matc
     return plots
 
 
-def run_plots(run_dir, record) -> list:
+def run_plots(run_dir, record, gates) -> list:
+    """Loss curves against time and tokens; gates (lib.report_data.gate_table of the run) per layer."""
     plt = _pyplot()
     run_dir = Path(run_dir)
     if record.evals.empty:
@@ -110,11 +114,10 @@ def run_plots(run_dir, record) -> list:
     for x_column, x_label, name in (("train_time_s", "training time (s)", "val_loss_vs_time.png"),
                                     ("tokens", "tokens seen (millions)", "val_loss_vs_tokens.png")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        scale = 1e6 if x_column == "tokens" else 1.0
         for column, style in (("train_loss", "--"), ("val_loss", "-")):
             points = record.evals[[x_column, column]].dropna()
             if not points.empty:
-                ax.plot(points[x_column] / scale, points[column], style, marker="." if len(points) < 30 else None,
+                ax.plot(points[x_column] / _x_scale(x_column), points[column], style, marker="." if len(points) < 30 else None,
                         label=column.replace("_", " "))
         ax.set_xlabel(x_label)
         ax.set_ylabel("loss")
@@ -122,13 +125,6 @@ def run_plots(run_dir, record) -> list:
         ax.legend()
         ax.set_title(f"{run_dir.name}: loss vs {x_label.split(' (')[0]}")
         plots.append((f"loss vs {x_label.split(' (')[0]}", _save(fig, run_dir, name)))
-    gates = record.metrics.get("gates") or []
-    if gates:
-        import pandas as pd
-
-        rows = [{"variant": run_dir.name, "layer": g["layer"],
-                 "w_std_mean": np.mean(g.get("w_std") or [np.nan]), "w_std_std": np.std(g.get("w_std") or [np.nan]),
-                 "w_rec_mean": np.mean(g.get("w_rec") or [np.nan]), "w_rec_std": np.std(g.get("w_rec") or [np.nan])}
-                for g in gates]
-        plots.append(("gate values per layer", _save(_gate_figure(plt, pd.DataFrame(rows)), run_dir, "gates.png")))
+    if not gates.empty:
+        plots.append(("gate values per layer", _save(_gate_figure(plt, gates), run_dir, "gates.png")))
     return plots

@@ -95,12 +95,7 @@ def make_executor(matrix_dir, plan, cluster="slurm", partition=None, account=Non
 def submit_cells(matrix_dir, plan, executor, retry_failed=False) -> list:
     """Submit every unfinished cell as one array job; returns the submitit jobs (one per cell)."""
     matrix_dir = str(Path(matrix_dir).resolve())
-    cells = []
-    for cell in plan.cells:
-        state = read_state(matrix_dir, cell.id)
-        if state.status == "done" or (state.status == "failed" and not retry_failed):
-            continue
-        cells.append(cell)
+    cells = [cell for cell in plan.cells if read_state(matrix_dir, cell.id).wants_run(retry_failed)]
     if not cells:
         return []
     jobs = executor.map_array(CellTask(retry_failed), [matrix_dir] * len(cells), [c.id for c in cells])

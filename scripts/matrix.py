@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from lib import config as cfg  # noqa: E402
-from lib import matrix_plan, matrix_run, matrix_state  # noqa: E402
+from lib import matrix_gpus, matrix_plan, matrix_run, matrix_state  # noqa: E402
 from lib.steps import STEPS_FILE  # noqa: E402
 
 
@@ -137,8 +137,8 @@ def cmd_check(args) -> int:
         plan = matrix_plan.build_plan(args.config, work / "plan", name=_preset(args), steps_file=args.steps,
                                       defconfigs=_defconfig_list(args.defconfigs))
         needs_gpu = any(c.device != "cpu" for c in plan.cells)
-        gpu_ids = matrix_run.visible_gpus() if needs_gpu else []
-        parallel = matrix_run.parallel_cells(plan.cells, gpu_ids, plan.parallel_cells)
+        gpu_ids = matrix_gpus.visible_gpus() if needs_gpu else []
+        parallel = matrix_gpus.parallel_cells(plan.cells, gpu_ids, plan.parallel_cells)
         print(matrix_plan.describe_plan(plan, work / "plan", parallel))
         print(f"hardware: {len(gpu_ids)} GPU(s) visible -> {parallel} cell(s) at once")
         overrides = dict(matrix_plan.CHECK_OVERRIDES)
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         commands = {"check": cmd_check, "report": cmd_report, "status": cmd_status, "submit": cmd_submit}
         return commands[args.command](args)
     except (cfg.ConfigError, matrix_plan.PlanError, matrix_state.PlanChanged, matrix_state.MatrixLocked,
-            matrix_run.SchedulerError, FileNotFoundError) as err:
+            matrix_gpus.SchedulerError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

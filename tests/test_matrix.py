@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import matrix_plan, matrix_run, matrix_state
+from lib import matrix_cell, matrix_gpus, matrix_plan, matrix_process, matrix_run, matrix_state
 from lib.matrix_plan import PlanError, build_plan, save_plan
 from lib.matrix_state import MatrixLocked, matrix_lock, read_state
 
@@ -194,19 +194,19 @@ def test_gpu_pool_runs_floor_n_over_g_cells_pinned_to_disjoint_gpus(matrix_confi
         assert len(overlapping) <= 2
         used = [g for b in overlapping for g in b["gpus"].split(",")]
         assert len(used) == len(set(used))
-    assert matrix_run.parallel_cells(plan.cells, ["0", "1", "2", "3", "4"]) == 2
-    assert matrix_run.parallel_cells(plan.cells, ["0", "1", "2", "3", "4"], cap=1) == 1
-    with pytest.raises(matrix_run.SchedulerError, match="needs 2 GPU"):
-        matrix_run.check_feasible(plan.cells, ["0"])
+    assert matrix_gpus.parallel_cells(plan.cells, ["0", "1", "2", "3", "4"]) == 2
+    assert matrix_gpus.parallel_cells(plan.cells, ["0", "1", "2", "3", "4"], cap=1) == 1
+    with pytest.raises(matrix_gpus.SchedulerError, match="needs 2 GPU"):
+        matrix_gpus.check_feasible(plan.cells, ["0"])
 
 
 def test_failure_reasons_are_specific():
-    assert "out of memory" in matrix_run.failure_reason(1, None, "x\ntorch.OutOfMemoryError: CUDA out of memory.")
-    assert "NaN" in matrix_run.failure_reason(1, None, "iter 3 | loss nan | lr 1e-3")
-    assert "SIGKILL" in matrix_run.failure_reason(-9, None, "")
-    assert matrix_run.failure_reason(1, {"status": "failed", "failure_reason": "non-finite loss at step 2"},
+    assert "out of memory" in matrix_cell.failure_reason(1, None, "x\ntorch.OutOfMemoryError: CUDA out of memory.")
+    assert "NaN" in matrix_cell.failure_reason(1, None, "iter 3 | loss nan | lr 1e-3")
+    assert "SIGKILL" in matrix_cell.failure_reason(-9, None, "")
+    assert matrix_cell.failure_reason(1, {"status": "failed", "failure_reason": "non-finite loss at step 2"},
                                      "").startswith("non-finite loss at step 2")
-    assert "ValueError: boom" in matrix_run.failure_reason(1, None, "Traceback ...\nValueError: boom")
+    assert "ValueError: boom" in matrix_cell.failure_reason(1, None, "Traceback ...\nValueError: boom")
 
 
 # ---- real cells ------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_matrix_survives_sigkill_resumes_and_reports(matrix_config, tmp_path):
     before = {c: (matrix_dir / "cells" / c / "metrics.json").stat().st_mtime_ns for c in done_before}
     # The killed runner's cell does not keep training on its own.
     pgid = read_state(matrix_dir, interrupted[0]).pgid
-    _wait_for(lambda: not matrix_run._group_alive(pgid), 30, "the orphaned cell to exit")
+    _wait_for(lambda: not matrix_process.group_alive(pgid), 30, "the orphaned cell to exit")
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr

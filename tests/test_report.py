@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import report
+from lib import report, report_stats
 from lib.matrix_plan import build_plan, save_plan
 from lib.matrix_state import CellState, write_state
 
@@ -81,21 +81,21 @@ def synthetic_matrix(make_config, tmp_path):
 
 def test_t_quantile_matches_the_tables():
     for df, expected in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
-        assert abs(report.t_quantile(0.975, df) - expected) < 1e-3
+        assert abs(report_stats.t_quantile(0.975, df) - expected) < 1e-3
 
 
 def test_paired_difference_and_interpolation():
-    d = report.paired_difference({1: 2.0, 2: 3.0, 3: 4.5}, {1: 2.5, 2: 3.2, 3: 4.6, 4: 9.0})
+    d = report_stats.paired_difference({1: 2.0, 2: 3.0, 3: 4.5}, {1: 2.5, 2: 3.2, 3: 4.6, 4: 9.0})
     diffs = np.array([-0.5, -0.2, -0.1])
     assert d.n == 3 and d.mean == pytest.approx(diffs.mean())
     assert d.half_width == pytest.approx(4.303 * diffs.std(ddof=1) / math.sqrt(3), rel=1e-3)
-    assert report.paired_difference({1: 2.0}, {1: 2.5}).half_width is None
-    assert report.paired_difference({1: 2.0}, {2: 2.5}) is None
+    assert report_stats.paired_difference({1: 2.0}, {1: 2.5}).half_width is None
+    assert report_stats.paired_difference({1: 2.0}, {2: 2.5}) is None
     import pandas as pd
 
     evals = pd.DataFrame({"train_time_s": [10.0, 50.0, 100.0], "val_loss": [4.0, 3.5, 3.0]})
-    assert report.value_at(evals, "train_time_s", 80.0) == pytest.approx(3.2)
-    assert math.isnan(report.value_at(evals, "train_time_s", 5.0))
+    assert report_stats.value_at(evals, "train_time_s", 80.0) == pytest.approx(3.2)
+    assert math.isnan(report_stats.value_at(evals, "train_time_s", 5.0))
 
 
 def test_matrix_report_numbers_verdicts_and_sections(synthetic_matrix):
