@@ -3,11 +3,21 @@
 One process per GPU, started by torchrun: `scripts/train.py` re-executes itself through
 `python -m torch.distributed.run --standalone --nproc_per_node N` when CONFIG_TRAIN_NUM_GPUS > 1
 and it is not already a torchrun worker. On the CPU the same path runs N gloo processes (tests).
+
+Signals: torchrun runs in its own process group, so a terminal's Ctrl-C or a `kill` reaches it only
+through the re-launching process, which forwards SIGINT/SIGTERM to torchrun's group and waits for it.
+torchrun passes the signal to its workers, which finish their step, checkpoint and exit (gpt2/train.py).
+If the re-launching process is killed outright, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG),
+so no torchrun is left behind.
 """
 
+import ctypes
+import ctypes.util
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +59,61 @@ def relaunch_command(num_procs: int, script: str, args: list) -> list:
 
 
 def relaunch(num_procs: int, script: str, args: list, device_type: str) -> int:
-    """Run `script args` under torchrun with num_procs workers; returns torchrun's exit code."""
+    """Run `script args` under torchrun with num_procs workers; returns torchrun's exit code.
+
+    A SIGINT/SIGTERM received meanwhile is forwarded to torchrun's process group; once torchrun has
+    ended, the return value is then 128 + the signal number (unless torchrun exited 0).
+    """
     if device_type == "cuda" and torch.cuda.device_count() < num_procs:
         raise RuntimeError(f"CONFIG_TRAIN_NUM_GPUS={num_procs} but only {torch.cuda.device_count()} GPU(s) "
                            f"are visible")
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
     env.setdefault("OMP_NUM_THREADS", "1" if device_type == "cuda" else str(max(1, (os.cpu_count() or 1) // num_procs)))
-    return subprocess.call(relaunch_command(num_procs, script, args), env=env)
+    received, child = [], []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if child:
+            _signal_group(child[0].pid, signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        child.append(subprocess.Popen(relaunch_command(num_procs, script, args), env=env, process_group=0,
+                                      preexec_fn=_die_with_parent_hook(os.getpid())))
+        if received:  # arrived while torchrun was being started
+            _signal_group(child[0].pid, received[0])
+        code = child[0].wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + received[0] if received and code != 0 else code
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+def _die_with_parent_hook(parent_pid: int):
+    """preexec_fn: the child gets SIGTERM when its parent dies (Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook():
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 def setup(device_choice: str) -> DistContext:
@@ -83,11 +140,16 @@ def teardown(ctx: DistContext) -> None:
 
 def all_reduce_max(ctx: DistContext, value: float) -> float:
     """The largest value across ranks (e.g. elapsed time, so every rank takes the same budget decision)."""
+    return value if not ctx.enabled else all_reduce_max_values(ctx, [value])[0]
+
+
+def all_reduce_max_values(ctx: DistContext, values: list) -> list:
+    """Element-wise largest values across ranks, in one collective (e.g. [elapsed time, stop signal])."""
     if not ctx.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def all_reduce_mean(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:

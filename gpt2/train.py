@@ -1,231 +1,60 @@
 """The time-budgeted training loop: wires data, model, optimizer, checkpoints and metrics together.
 
-Budget. A run stops when its *training* time reaches CONFIG_GPT2_MAX_TIME seconds or its step count
-reaches CONFIG_TRAIN_MAX_ITERS, whichever comes first (0 disables either). Training time is the wall
-time of optimizer steps only: the first step(s) of every process (torch.compile, cuBLAS and allocator
-warm-up) are timed as compile time, and evaluation and checkpoint writing are timed on their own;
-none of these is charged. The learning-rate schedule follows the budget fraction consumed,
-max(train_time / max_time, iters / max_iters), so a time-limited run still completes its decay.
+Budget (gpt2/budget.py). A run stops when its training time reaches CONFIG_GPT2_MAX_TIME seconds or its
+step count reaches CONFIG_TRAIN_MAX_ITERS, whichever comes first; warm-up/compile, evaluation and
+checkpoint time are timed on their own and never charged. The learning rate follows the budget fraction.
 
-Hot loop. No host-device synchronisation per step: losses stay on the device and are read back at
-"sync points" (log interval, evaluation, checkpoint, and budget checks planned from the measured step
-time so the time budget is checked about when it runs out). Elapsed time is measured between sync
-points, so it is exact device time; under DDP every rank agrees on it (max over ranks) and so takes
-the same stop decision and the same learning rate.
+Hot loop (the step itself is gpt2/step.py). No host-device synchronisation per step: losses stay on the
+device and are read back at "sync points" (log interval, evaluation, checkpoint, and budget checks planned
+from the measured step time so the time budget is checked about when it runs out). Elapsed time is
+measured between sync points, so it is exact device time; under DDP every rank agrees on it (max over
+ranks) and so takes the same stop decision and the same learning rate.
+
+Interruption (gpt2/train_signals.py). SIGTERM or SIGINT during training stops the run after the current
+optimizer step, at the sync point that follows: under DDP the ranks agree on the signal in the same
+all-reduce as the elapsed time, so they all stop at the same step (at the latest CONFIG_TRAIN_LOG_INTERVAL
+steps later). The run then writes its checkpoint, metrics.json with status "interrupted" and stop_reason
+"signal", and exits with 128 + the signal number; `--resume` continues with the budget that is left.
 """
 
 import argparse
-import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gpt2 import checkpoint as ckpt
 from gpt2 import distributed
+from gpt2.budget import Budget, Progress, warmup_step_count
 from gpt2.metrics import EvalLog, flops_per_token, mfu, peak_flops, peak_memory_bytes, perplexity, write_metrics
-from gpt2.model import GPT, build_model
+from gpt2.model import build_model
 from gpt2.optim import build_optimizer, lr_at, set_lr
+from gpt2.step import TrainStep, autocast_context, effective_precision, evaluate, sync
 from gpt2.tracking import build_tracker
-from lib.runs import CHECKPOINT_NAME, LOG_NAME, RunDirError, prepare_run_dir, write_env_json
+from gpt2.train_log import budget_bar, close_logging, header_lines, log, setup_logging
+from gpt2.train_signals import Interrupted, StopSignals, exit_code, signal_name
+from lib.runs import CHECKPOINT_NAME, RunDirError, prepare_run_dir, write_env_json
 
-log = logging.getLogger("gpt2.train")
+# Importable from here as before (scripts/bench_train.py, lib/matrix_run.py, tests).
+__all__ = ["Budget", "Progress", "Run", "TrainStep", "TrainingFailed", "autocast_context", "effective_precision",
+           "evaluate", "main", "run", "sync", "warmup_step_count"]
 
 
 class TrainingFailed(RuntimeError):
     """The run cannot go on (non-finite loss, ...); the message becomes metrics.json's failure_reason."""
 
 
-# ---- budget -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Budget:
-    max_time_s: float  # 0 = no time cap
-    max_iters: int  # 0 = no step cap
-
-    def __post_init__(self):
-        if self.max_time_s <= 0 and self.max_iters <= 0:
-            raise ValueError("no budget: CONFIG_GPT2_MAX_TIME and CONFIG_TRAIN_MAX_ITERS are both 0; set one")
-
-    def fraction(self, train_time_s: float, iters: float) -> float:
-        """Fraction of the budget consumed: the further along of time and steps, in [0, 1]."""
-        parts = []
-        if self.max_time_s > 0:
-            parts.append(train_time_s / self.max_time_s)
-        if self.max_iters > 0:
-            parts.append(iters / self.max_iters)
-        return min(1.0, max(parts))
-
-    def stop_reason(self, train_time_s: float, iters: int) -> str | None:
-        if self.max_iters > 0 and iters >= self.max_iters:
-            return "max_iters"
-        if self.max_time_s > 0 and train_time_s >= self.max_time_s:
-            return "max_time"
-        return None
-
-
-@dataclass
-class Progress:
-    """Counters a checkpoint carries so a resumed run spends only what is left."""
-    iters: int = 0
-    tokens_seen: int = 0
-    train_time_s: float = 0.0  # charged to the budget
-    timed_iters: int = 0  # steps inside train_time_s (excludes warm-up steps)
-    timed_tokens: int = 0
-    compile_time_s: float = 0.0
-    eval_time_s: float = 0.0
-    checkpoint_time_s: float = 0.0
-    wall_time_s: float = 0.0  # whole-process wall time of all sessions before this one
-    best_val_loss: float | None = None
-    last_val_loss: float | None = None
-    last_eval_iter: int = -1
-    last_train_loss: float | None = None
-    sessions: int = 0
-
-
-# ---- precision and the optimizer step -----------------------------------------------------------
-
-def autocast_context(device: torch.device, precision: str):
-    """A factory of autocast contexts: bf16/fp16 autocast on CUDA; float32 (no autocast) otherwise."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
-    return nullcontext
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    return precision if device.type == "cuda" else "fp32"
-
-
-class TrainStep:
-    """One optimizer step: grad_accum micro-batches of forward/backward, clipping, update, zero_grad.
-
-    `model` is what runs forward (possibly compiled and/or DDP-wrapped); `raw_model` the bare GPT that
-    owns the parameters. Returns the mean micro-batch loss as a device tensor (no synchronisation).
-    """
-
-    def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
-                 grad_clip: float, ddp: bool = False):
-        self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
-        self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
-        self.autocast = autocast_context(device, precision)
-        fp16 = device.type == "cuda" and precision == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        self.params = [p for p in raw_model.parameters() if p.requires_grad]
-        self.has_regularizer = any(hasattr(m, "regularization_loss") for m in raw_model.attention_modules())
-        self.grad_norm = None  # device tensor of the last step's pre-clip norm (read at log time)
-
-    def to_device(self, x, y):
-        if self.device.type == "cuda":
-            return (x.pin_memory().to(self.device, non_blocking=True),
-                    y.pin_memory().to(self.device, non_blocking=True))
-        return x, y
-
-    def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
-        loss_sum = None
-        for micro in range(self.grad_accum):
-            last = micro == self.grad_accum - 1
-            x, y = self.to_device(*batches.next())
-            # DDP: all-reduce gradients only on the last micro-batch.
-            with self.model.no_sync() if self.ddp and not last else nullcontext():
-                with self.autocast():
-                    _, loss = self.model(x, y, return_logits=False)
-                if inject_nan:
-                    loss = loss * float("nan")
-                objective = loss / self.grad_accum
-                if last and self.has_regularizer:
-                    objective = objective + self.raw_model.regularization_loss()
-                (self.scaler.scale(objective) if self.scaler else objective).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum
-
-
-@torch.no_grad()
-def evaluate(model, raw_model, eval_batches, dctx, autocast) -> float:
-    """Mean loss over the fixed validation batches (split across ranks, then averaged)."""
-    raw_model.eval()
-    mine = eval_batches[dctx.rank::dctx.world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=dctx.device)
-    for x, y in mine:
-        with autocast():
-            _, loss = model(x, y, return_logits=False)
-        total[0] += loss.double()
-    total[1] = len(mine)
-    total = distributed.all_reduce_sum(dctx, total)
-    raw_model.train()
-    return float(total[0] / total[1])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---- logging ------------------------------------------------------------------------------------
-
-class _TqdmHandler(logging.StreamHandler):
-    """Console lines printed above the progress bar instead of through it."""
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(run_dir: Path, is_main: bool) -> None:
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    if not is_main:
-        log.addHandler(logging.NullHandler())
-        return
-    file_handler = logging.FileHandler(run_dir / LOG_NAME, mode="a")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(file_handler)
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
-
-
-def close_logging() -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-
-
-# ---- the run ------------------------------------------------------------------------------------
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
-
-
-def warmup_step_count(compile_enabled: bool, ddp: bool) -> int:
-    """Steps timed as warm-up, not budget: the first (compilation, kernel selection, allocator growth);
-    with torch.compile or DDP also the second (recompilation for the steady state, DDP bucket rebuild)."""
-    return 2 if (compile_enabled or ddp) else 1
 
 
 class Run:
@@ -321,33 +150,12 @@ class Run:
                                                s.model.n_head, head_dim, s.model.block_size)
         self.peak_flops = peak_flops(self.device)
         self.tracker = build_tracker(s.tracking, self.run_dir, enabled=dctx.is_main)
-        self.log_header(resume_iter)
-
-    def log_header(self, resume_iter):
-        s, dctx = self.s, self.dctx
-        where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU")
-        log.info(f"run {self.run_dir} | config {self.config_path}")
-        if resume_iter is not None:
-            log.info(f"resuming at iter {self.p.iters}: {self.p.train_time_s:.1f}s of training time and "
-                     f"{self.p.tokens_seen:,} tokens already spent")
-        cpu_note = ""
-        if self.device.type == "cpu":
-            cpu_note = " (the CPU always computes in float32" + (
-                f"; CONFIG_PRECISION={s.general.precision} applies on CUDA only)" if s.general.precision != "fp32"
-                else ")")
-        log.info(f"device {where} x{dctx.world_size} | precision {self.precision}{cpu_note}"
-                 + f" | compile {'on' if s.general.compile else 'off'}")
-        log.info(f"model {s.model.n_layer}x{s.model.n_embd}, {s.model.n_head} heads, block {s.model.block_size}, "
-                 f"attention {s.attention.backend}, mlp {s.mlp.kind}, {self.raw_model.num_params():,} parameters "
-                 f"(vocab {self.vocab_size}, init {s.model.init_from})")
-        log.info(f"data {self.data_path} | batch {s.train.batch_size} x accum {s.train.grad_accum} x block "
-                 f"{s.model.block_size} = {self.tokens_per_iter:,} tokens/iter | optimizer {s.optimizer.name}")
-        log.info(f"budget: {s.train.max_time_s or 'no'} s of training time, {s.train.max_iters or 'no'} iters "
-                 f"(whichever ends first) | lr {s.train.lr:g} -> {s.train.lr_min:g} {s.train.schedule}, "
-                 f"warm-up {s.train.warmup_fraction:g} of the budget")
+        for line in header_lines(self, resume_iter):
+            log.info(line)
 
     # -- the loop --
-    def train(self):
+    def train(self, stop: StopSignals):
+        """Train until the budget is spent or a stop signal is agreed on; ends with a checkpoint."""
         s, train, p, dctx = self.s, self.s.train, self.p, self.dctx
         warmup_steps = warmup_step_count(s.general.compile, dctx.enabled)
         steps_here = 0
@@ -356,15 +164,13 @@ class Run:
         session_time_s, session_steps = 0.0, 0  # timed steps of this process, for a steadier estimate
         chunk_start, chunk_steps = None, 0
         next_budget_check = p.iters + 1
+        signum = 0  # the stop signal all ranks agreed on at the last sync point (0: none)
         lr = lr_at(self.budget.fraction(p.train_time_s, p.iters), train)
-        self.bar = tqdm(total=1000, desc="budget", leave=False, dynamic_ncols=True,
-                        disable=not (dctx.is_main and sys.stderr.isatty()),
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
-        self.bar.update(int(1000 * self.budget.fraction(p.train_time_s, p.iters)))
+        self.bar = budget_bar(self.budget.fraction(p.train_time_s, p.iters), enabled=dctx.is_main)
         log_losses = []
 
         while True:
-            self.stop_reason = self.budget.stop_reason(p.train_time_s, p.iters)
+            self.stop_reason = self.budget.stop_reason(p.train_time_s, p.iters) or ("signal" if signum else None)
             if self.stop_reason:
                 break
             # Budget fraction at the end of the coming step; its time part is extrapolated from this
@@ -392,13 +198,19 @@ class Run:
             due_eval = p.iters % train.eval_interval == 0
             due_ckpt = train.checkpoint_interval > 0 and p.iters % train.checkpoint_interval == 0
             due_budget = p.iters >= next_budget_check or (train.max_iters and p.iters >= train.max_iters)
-            if not (warm or due_log or due_eval or due_ckpt or due_budget):
+            # One process reads its own signal after every step; ranks of a DDP run agree at sync points.
+            due_stop = stop.requested and not dctx.enabled
+            if not (warm or due_log or due_eval or due_ckpt or due_budget or due_stop):
                 continue
 
-            # ---- sync point: close the timed chunk, read the losses back ----
+            # ---- sync point: close the timed chunk, agree on a stop signal, read the losses back ----
+            local_elapsed_s = 0.0
             if chunk_steps:
                 sync(self.device)
-                elapsed = distributed.all_reduce_max(dctx, time.perf_counter() - chunk_start)
+                local_elapsed_s = time.perf_counter() - chunk_start
+            elapsed, agreed = distributed.all_reduce_max_values(dctx, [local_elapsed_s, float(stop.signum or 0)])
+            signum = int(agreed)
+            if chunk_steps:
                 p.train_time_s += elapsed
                 p.timed_iters += chunk_steps
                 p.timed_tokens += chunk_steps * self.tokens_per_iter
@@ -413,30 +225,30 @@ class Run:
             if due_log or (warm and p.iters == 1):
                 self.log_progress(log_losses, lr, step_time_s)
                 log_losses = []
+            if signum:
+                continue  # stop: the checkpoint after the loop stands in for this point's eval and checkpoint
             if due_eval:
                 self.run_eval(lr)
             if due_ckpt:
                 self.save()
-            if step_time_s and self.budget.max_time_s > 0:
-                # Plan the next time check for about when the budget runs out (the faster estimate, so early).
-                remaining = self.budget.max_time_s - p.train_time_s
-                fastest = min(step_time_s, session_time_s / session_steps)
-                next_budget_check = p.iters + max(1, min(train.log_interval, math.ceil(remaining / fastest)))
-            else:
-                next_budget_check = p.iters + (1 if self.budget.max_time_s > 0 else train.log_interval)
+            next_budget_check = self.budget.next_check(p.iters, p.train_time_s, step_time_s,
+                                                       session_time_s / session_steps if session_steps else 0.0,
+                                                       train.log_interval)
             self.bar.update(int(1000 * self.budget.fraction(p.train_time_s, p.iters)) - self.bar.n)
             self.bar.set_postfix_str(f"iter {p.iters} loss {p.last_train_loss:.3f}")
             chunk_start = time.perf_counter()
 
         if log_losses:
             self.log_progress(log_losses, lr, step_time_s)
-        if p.last_eval_iter != p.iters:
+        if p.last_eval_iter != p.iters and self.stop_reason != "signal":
             self.run_eval(lr)
         self.bar.close()
         self.save()
-        log.info(f"stopped by {self.stop_reason} at iter {p.iters}: {p.train_time_s:.1f}s training, "
+        cause = f"{signal_name(signum)} (signal)" if self.stop_reason == "signal" else self.stop_reason
+        log.info(f"stopped by {cause} at iter {p.iters}: {p.train_time_s:.1f}s training, "
                  f"{p.compile_time_s:.1f}s warm-up/compile, {p.eval_time_s:.1f}s eval, "
                  f"{p.checkpoint_time_s:.1f}s checkpoints")
+        return signum
 
     def read_losses(self, pending, first_iter) -> list:
         """Copy per-step losses to the host (the sync), averaged over ranks; non-finite -> TrainingFailed."""
@@ -542,6 +354,13 @@ class Run:
             "sessions": p.sessions,
         }
 
+    def record_outcome(self, exc: BaseException) -> None:
+        """metrics.json after a failure or an early interruption; a directory of another run is left alone."""
+        is_main = self.dctx.is_main if hasattr(self, "dctx") else int(os.environ.get("RANK", "0")) == 0
+        if is_main and not isinstance(exc, RunDirError):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_metrics(self.run_dir, self.summary())
+
     def finish(self):
         if self.tracker is not None:
             self.tracker.close()
@@ -550,42 +369,55 @@ class Run:
 
 
 def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
-    """Train one run; returns the process exit code (0 done, 1 failed). Rank 0 writes the run directory."""
+    """Train one run; returns the process exit code: 0 done, 1 failed, 128 + signal number when a SIGINT or
+    SIGTERM interrupted it (metrics.json status "interrupted"). Rank 0 writes the run directory."""
     r = Run(settings, config_path, run_dir, resume, argv)
+    stop = StopSignals()
+    stop.install()
     try:
         r.setup()
         if r.dctx.is_main:
             write_metrics(r.run_dir, r.summary())
-        r.train()
-        r.status = "done"
+        stop.defer()  # from here on a signal stops the loop after its step, with a checkpoint
+        signum = r.train(stop)
+        r.status = "interrupted" if r.stop_reason == "signal" else "done"
         if r.dctx.is_main:
             write_metrics(r.run_dir, r.summary())
-            gap = r.unigram - r.p.last_val_loss
-            log.info(f"final val loss {r.p.last_val_loss:.4f} (ppl {perplexity(r.p.last_val_loss):.2f}) vs unigram "
-                     f"entropy of the val tokens {r.unigram:.4f} nats: {gap:+.4f} nats better than a unigram model")
-        return 0
-    except (Exception, KeyboardInterrupt) as exc:
+            if r.status == "interrupted":
+                log.info(f"interrupted by {signal_name(signum)} at iter {r.p.iters}; the checkpoint is written, "
+                         f"--resume continues with the budget that is left")
+            else:
+                gap = r.unigram - r.p.last_val_loss
+                log.info(f"final val loss {r.p.last_val_loss:.4f} (ppl {perplexity(r.p.last_val_loss):.2f}) vs "
+                         f"unigram entropy of the val tokens {r.unigram:.4f} nats: {gap:+.4f} nats better than a "
+                         f"unigram model")
+        return exit_code(signum) if r.status == "interrupted" else 0
+    except (Interrupted, KeyboardInterrupt) as exc:  # before the loop: nothing to checkpoint
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        r.status, r.stop_reason = "interrupted", "signal"
+        message = f"interrupted by {signal_name(signum)} before training started"
+        if log.handlers:
+            log.warning(message)
+        else:
+            print(message, file=sys.stderr)
+        r.record_outcome(exc)
+        return exit_code(signum)
+    except Exception as exc:
         r.status = "failed"
         expected = isinstance(exc, (TrainingFailed, ckpt.CheckpointError, RunDirError))
-        if isinstance(exc, KeyboardInterrupt):
-            r.failure_reason = "interrupted (KeyboardInterrupt)"
-        else:
-            r.failure_reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        r.failure_reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         if log.handlers:
             (log.error if expected else log.exception)(f"run failed: {r.failure_reason}")
         else:
             print(f"error: {r.failure_reason}", file=sys.stderr)
-        # A directory that belongs to another run is left alone; otherwise the failure is recorded there.
-        is_main = r.dctx.is_main if hasattr(r, "dctx") else int(os.environ.get("RANK", "0")) == 0
-        if is_main and not isinstance(exc, RunDirError):
-            r.run_dir.mkdir(parents=True, exist_ok=True)
-            write_metrics(r.run_dir, r.summary())
-        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        r.record_outcome(exc)
+        return 1
     finally:
         r.finish()
         close_logging()
         if hasattr(r, "dctx"):
             distributed.teardown(r.dctx)
+        stop.restore()
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ A run directory describes itself (see docs/architecture.md):
 
 Every file here is written under a temporary sibling name and renamed into place,
 so a reader (the matrix runner, the report, a resumed run) sees either the old
-file or the complete new one, never a prefix.
+file or the complete new one, never a prefix. The file gets the permissions a plain
+open() would give it (0666 less the umask), not mkstemp's private 0600.
 """
 
 import json
@@ -57,6 +58,7 @@ def atomic_path(path):
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        tmp.chmod(0o666 & ~current_umask())
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -64,6 +66,20 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it, which races with threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): set and restore
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -4,7 +4,8 @@
     python scripts/train.py --config .config --run-dir results/runs/NAME [--resume]
 
 With CONFIG_TRAIN_NUM_GPUS > 1 this re-launches itself through torchrun (one process per GPU).
-Exit code 0 when the run finished; non-zero on failure (metrics.json then says why).
+Exit code 0 when the run finished; 1 on failure (metrics.json then says why); 130 / 143 when SIGINT /
+SIGTERM stopped it after a step and a checkpoint (metrics.json status "interrupted"; --resume goes on).
 """
 
 import sys

@@ -1,7 +1,9 @@
 """Checkpoints and run-directory files: exact resume, refusal of corrupt or mismatched checkpoints, atomic writes."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,20 @@ def test_atomic_writes_leave_no_partial_files(tmp_path):
     runs.atomic_write_jsonl(tmp_path / "e.jsonl", [{"iter": 1}, {"iter": 2}])
     assert read_jsonl(tmp_path / "e.jsonl") == [{"iter": 1}, {"iter": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl", "m.json"]
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Like open(): 0666 less the umask, not mkstemp's 0600 (others in the group can read the results)."""
+    previous = os.umask(0o022)
+    try:
+        runs.atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        runs.atomic_write_text(tmp_path / "b.json", "{}")
+        assert runs.current_umask() == 0o077
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
 
 
 def test_prepare_run_dir_guards_existing_runs(tmp_path):

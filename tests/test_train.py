@@ -4,8 +4,10 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,11 +44,46 @@ def step_losses(run_dir):
                                          re.M)]
 
 
+def start_script(config, run_dir, resume=False, env=None):
+    command = [sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)]
+    return subprocess.Popen(command + (["--resume"] if resume else []), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env or clean_env())
+
+
+def signal_after_first_eval(proc, run_dir, signum, timeout_s=120):
+    """Send `signum` once eval.jsonl has a record; returns (exit code, console output)."""
+    deadline = time.monotonic() + timeout_s
+    while not read_jsonl(run_dir / "eval.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
+def processes_mentioning(text: str) -> list:
+    """Command lines of live processes that contain `text` (e.g. a run directory: orphaned workers)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(text in arg for arg in args):
+            found.append(" ".join(args))
+    return found
+
+
 def test_budget_fraction_and_stop():
     b = Budget(max_time_s=10, max_iters=100)
     assert b.fraction(5, 10) == 0.5 and b.fraction(1, 60) == 0.6 and b.fraction(50, 0) == 1.0
     assert b.stop_reason(9.9, 99) is None and b.stop_reason(10, 1) == "max_time" and b.stop_reason(0, 100) == "max_iters"
     assert Budget(0, 10).fraction(1e9, 5) == 0.5
+    # The next time check lands about when the time runs out (faster estimate), at least every log interval.
+    assert Budget(10, 0).next_check(5, 9.0, step_time_s=0.5, mean_step_s=0.4, log_interval=10) == 8
+    assert Budget(10, 0).next_check(5, 0.0, step_time_s=0.5, mean_step_s=0.5, log_interval=10) == 15
+    assert Budget(10, 0).next_check(5, 0.0, step_time_s=None, mean_step_s=0.0, log_interval=10) == 6
+    assert Budget(0, 100).next_check(5, 0.0, step_time_s=0.5, mean_step_s=0.5, log_interval=10) == 15
     with pytest.raises(ValueError, match="no budget"):
         Budget(0, 0)
 
@@ -157,6 +194,63 @@ def test_two_process_ddp_on_cpu(make_config, tmp_path):
 
     state = torch.load(run_dir / "ckpt.pt", weights_only=False)
     assert len(state["ranks"]) == 2 and state["ranks"][1]["data"]["rank"] == 1
+
+
+def test_sigterm_checkpoints_and_resume_goes_on(make_config, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, exit 143, and --resume continues from it."""
+    config = make_config({"TRAIN_MAX_ITERS": "1000000", "TRAIN_EVAL_INTERVAL": "5", "TRAIN_LOG_INTERVAL": "5",
+                          "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    run_dir = tmp_path / "run"
+    code, out = signal_after_first_eval(start_script(config, run_dir), run_dir, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == "interrupted" and m["stop_reason"] == "signal" and m["failure_reason"] is None
+    import torch
+
+    progress = torch.load(run_dir / "ckpt.pt", weights_only=False)["progress"]
+    assert progress["iters"] >= 5 and progress["iters"] == m["iters"] and progress["train_time_s"] > 0
+    assert "interrupted by SIGTERM" in (run_dir / "train.log").read_text()
+    # --resume (in this process, to spare a second torch start-up) goes on from the checkpoint; the budget
+    # is cut to a few more steps so that it ends.
+    more = progress["iters"] + 3
+    assert train_in_process(config, run_dir, resume=True, environ={"GPT2_MAX_ITERS": str(more)}) == 0
+    m = metrics(run_dir)
+    assert m["status"] == "done" and m["iters"] == more and m["sessions"] == 2 and m["stop_reason"] == "max_iters"
+    assert f"resuming at iter {progress['iters']}" in (run_dir / "train.log").read_text()
+
+
+def test_signal_before_training_stops_at_once(make_config, tmp_path, monkeypatch):
+    """Before the first step there is nothing to checkpoint: the run ends at once, interrupted, handlers restored."""
+    handler_before = signal.getsignal(signal.SIGTERM)
+    real_build = train.build_model
+
+    def build_then_signal(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_then_signal)
+    assert train_in_process(make_config(), tmp_path / "run") == 128 + signal.SIGTERM
+    m = metrics(tmp_path / "run")
+    assert m["status"] == "interrupted" and m["stop_reason"] == "signal" and m["iters"] == 0
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_sigint_to_the_launcher_stops_every_ddp_rank(make_config, tmp_path):
+    """Ctrl-C to the process that re-launched itself under torchrun: forwarded, all ranks stop, nothing left."""
+    config = make_config({"TRAIN_NUM_GPUS": "2", "TRAIN_GRAD_ACCUM": "2", "TRAIN_MAX_ITERS": "1000000",
+                          "TRAIN_EVAL_INTERVAL": "4", "TRAIN_LOG_INTERVAL": "4", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    run_dir = tmp_path / "run"
+    code, out = signal_after_first_eval(start_script(config, run_dir), run_dir, signal.SIGINT)
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == "interrupted" and m["world_size"] == 2 and m["iters"] >= 4
+    import torch
+
+    state = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    assert state["progress"]["iters"] == m["iters"] and len(state["ranks"]) == 2
+    assert processes_mentioning(str(run_dir)) == []  # no torchrun or worker outlived the launcher
 
 
 def test_bench_smoke_writes_reports(tmp_path):

@@ -1,0 +1,98 @@
+"""The hot path: precision, one optimizer step, and evaluation on the fixed validation batches.
+
+No host-device synchronisation happens here: TrainStep returns the loss as a device tensor, and the
+trainer reads losses back only at its sync points (gpt2/train.py).
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from gpt2 import distributed
+from gpt2.model import GPT
+
+
+def autocast_context(device: torch.device, precision: str):
+    """A factory of autocast contexts: bf16/fp16 autocast on CUDA; float32 (no autocast) otherwise."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    return nullcontext
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    return precision if device.type == "cuda" else "fp32"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One optimizer step: grad_accum micro-batches of forward/backward, clipping, update, zero_grad.
+
+    `model` is what runs forward (possibly compiled and/or DDP-wrapped); `raw_model` the bare GPT that
+    owns the parameters. Returns the mean micro-batch loss as a device tensor (no synchronisation).
+    """
+
+    def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
+                 grad_clip: float, ddp: bool = False):
+        self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
+        self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
+        self.autocast = autocast_context(device, precision)
+        fp16 = device.type == "cuda" and precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.params = [p for p in raw_model.parameters() if p.requires_grad]
+        self.has_regularizer = any(hasattr(m, "regularization_loss") for m in raw_model.attention_modules())
+        self.grad_norm = None  # device tensor of the last step's pre-clip norm (read at log time)
+
+    def to_device(self, x, y):
+        if self.device.type == "cuda":
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x, y
+
+    def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
+        loss_sum = None
+        for micro in range(self.grad_accum):
+            last = micro == self.grad_accum - 1
+            x, y = self.to_device(*batches.next())
+            # DDP: all-reduce gradients only on the last micro-batch.
+            with self.model.no_sync() if self.ddp and not last else nullcontext():
+                with self.autocast():
+                    _, loss = self.model(x, y, return_logits=False)
+                if inject_nan:
+                    loss = loss * float("nan")
+                objective = loss / self.grad_accum
+                if last and self.has_regularizer:
+                    objective = objective + self.raw_model.regularization_loss()
+                (self.scaler.scale(objective) if self.scaler else objective).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.grad_accum
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, eval_batches, dctx, autocast) -> float:
+    """Mean loss over the fixed validation batches (split across ranks, then averaged)."""
+    raw_model.eval()
+    mine = eval_batches[dctx.rank::dctx.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=dctx.device)
+    for x, y in mine:
+        with autocast():
+            _, loss = model(x, y, return_logits=False)
+        total[0] += loss.double()
+    total[1] = len(mine)
+    total = distributed.all_reduce_sum(dctx, total)
+    raw_model.train()
+    return float(total[0] / total[1])
