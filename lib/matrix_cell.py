@@ -200,7 +200,10 @@ class CellProcess:
                 metrics = read_json(metrics_path)
             except (OSError, ValueError):
                 metrics = None
-        if self.interrupted:
+        # A trainer stopped by a signal (ours, or e.g. a scheduler's SIGTERM) checkpoints and
+        # reports "interrupted": that cell can resume, so it is not a failure.
+        stopped_by_signal = bool(metrics) and metrics.get("status") == "interrupted"
+        if self.interrupted or stopped_by_signal:
             state.status = "pending"
             state.note = ("interrupted; resumes from its checkpoint" if (self.run_dir / CHECKPOINT_NAME).exists()
                           else "interrupted before its first checkpoint; restarts")

@@ -139,6 +139,12 @@ def read_jsonl(path) -> list:
 
 # ---- run directory ------------------------------------------------------------
 
+def results_dir(general) -> Path:
+    """GeneralSettings.results_dir as an absolute path (relative paths are from the repository root)."""
+    path = Path(general.results_dir)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def prepare_run_dir(run_dir, config_path, resume: bool) -> Path:
     """Create `run_dir` and snapshot the .config into it.
 

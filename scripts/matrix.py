@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from lib import config as cfg  # noqa: E402
+from lib.runs import results_dir  # noqa: E402
 from lib import matrix_gpus, matrix_plan, matrix_run, matrix_state  # noqa: E402
 from lib.steps import STEPS_FILE  # noqa: E402
 
@@ -47,8 +48,7 @@ def _defconfig_list(text):
 
 
 def _results_dir(config_path) -> Path:
-    path = Path(cfg.load_settings(config_path, environ={}).general.results_dir)
-    return path if path.is_absolute() else REPO_ROOT / path
+    return results_dir(cfg.load_settings(config_path, environ={}).general)
 
 
 def _preset(args) -> str:

@@ -18,13 +18,14 @@ from lib.report import newest_reportable, write_report  # noqa: E402
 
 
 def _results_dir(config_path) -> Path:
+    """The configured results directory; without a readable config, the default one."""
     from lib import config as cfg
+    from lib.runs import REPO_ROOT as root, results_dir
 
     try:
-        path = Path(cfg.load_settings(config_path, environ={}).general.results_dir)
+        return results_dir(cfg.load_settings(config_path, environ={}).general)
     except cfg.ConfigError:
-        path = Path("results")
-    return path if path.is_absolute() else REPO_ROOT / path
+        return root / "results"
 
 
 def main(argv=None) -> int:

@@ -20,11 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from lib import config as cfg  # noqa: E402
-
-
-def _results_dir(settings) -> Path:
-    path = Path(settings.general.results_dir)
-    return path if path.is_absolute() else REPO_ROOT / path
+from lib.runs import results_dir  # noqa: E402
 
 
 def newest_run_dir(results: Path) -> Path:
@@ -53,13 +49,13 @@ def main(argv=None) -> int:
     try:
         settings = cfg.load_settings(args.config)
         if args.resume is not None:
-            run_dir = Path(args.resume) if args.resume else newest_run_dir(_results_dir(settings))
+            run_dir = Path(args.resume) if args.resume else newest_run_dir(results_dir(settings.general))
             return train_and_report(args.config, run_dir, resume=True)
         if settings.matrix.enabled and not args.single:
             matrix = [sys.executable, str(REPO_ROOT / "scripts/matrix.py"), "run", "--config", args.config]
             os.execv(sys.executable, matrix)
         name = cfg.preset_of(args.config) or "run"
-        run_dir = _results_dir(settings) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = results_dir(settings.general) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return train_and_report(args.config, run_dir, resume=False)
     except cfg.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

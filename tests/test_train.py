@@ -147,7 +147,10 @@ def test_time_budget_env_override_and_schedule(make_config, tmp_path):
     assert train_in_process(config, tmp_path / "run", environ={"GPT2_MAX_TIME": "2"}) == 0
     m = metrics(tmp_path / "run")
     assert m["stop_reason"] == "max_time" and m["budget"]["max_time_s"] == 2
-    assert 2.0 <= m["train_time_s"] < 3.0, m["train_time_s"]
+    # The loop checks the clock on a schedule planned from the step time, so it may overshoot by
+    # about a step; the bound scales with the measured step time so a loaded machine does not flake.
+    overshoot_s = max(1.0, 4 * m["ms_per_step"] / 1000)
+    assert 2.0 <= m["train_time_s"] < 2.0 + overshoot_s, (m["train_time_s"], m["ms_per_step"])
     assert m["eval_time_s"] > 0 and m["compile_time_s"] > 0  # timed, never charged
     settings = load_settings(config, environ={})
     lr_min, lr = settings.train.lr_min, settings.train.lr
