@@ -1,0 +1,80 @@
+"""Pluggable causal self-attention backends, one module per backend.
+
+`build_attention` is the only constructor the model uses; CONFIG_ATTN_BACKEND picks the class:
+    sdpa             baseline, one Flash SDPA call                          sdpa.py
+    ra-reference     full-rank RA, materialised T x T, float32 softmax      reference.py
+    ra-fold-full     full-rank RA folded into head dim 2D, one SDPA call    fold_full.py
+    ra-fold-lowrank  rank-R reciprocal term, head dim D + R                 fold_lowrank.py
+    ra-same-flop     D - R standard + R reciprocal dims, head dim D         same_flop.py
+    ra-unified       ra-same-flop emitted by one composed QKV GEMM          unified.py
+Shared pieces: gates.py (gates, self-restart, P init, fold helper), common.py (projections,
+attention call, routing, discoverability fold), ../kv_pruning.py.
+"""
+
+import contextlib
+
+import torch.nn as nn
+
+from lib.settings import AttentionSettings, KVPruningSettings, ModelSettings
+
+from .common import AttentionBase, RAAttentionBase
+from .fold_full import RAFoldFullAttention
+from .fold_lowrank import RAFoldLowRankAttention
+from .reference import RAReferenceAttention
+from .same_flop import RASameFlopAttention
+from .sdpa import SDPAAttention
+from .unified import RAUnifiedAttention
+
+BACKENDS = {
+    "sdpa": SDPAAttention,
+    "ra-reference": RAReferenceAttention,
+    "ra-fold-full": RAFoldFullAttention,
+    "ra-fold-lowrank": RAFoldLowRankAttention,
+    "ra-same-flop": RASameFlopAttention,
+    "ra-unified": RAUnifiedAttention,
+}
+
+__all__ = ["BACKENDS", "build_attention", "refresh_head_routing", "cached_composition",
+           "AttentionBase", "RAAttentionBase"]
+
+
+def build_attention(model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int) -> nn.Module:
+    """The attention module of block `layer_idx`: (B, T, C) -> (B, T, C)."""
+    try:
+        cls = BACKENDS[attn.backend]
+    except KeyError:
+        raise ValueError(f"CONFIG_ATTN_BACKEND={attn.backend!r} is unknown; choose one of {sorted(BACKENDS)}") from None
+    return cls(model, attn, kv, layer_idx)
+
+
+def refresh_head_routing(model: nn.Module) -> bool:
+    """Recompute head-selective routing in every RA module (call it every few hundred steps under
+    torch.compile; eager forwards refresh by themselves). Returns whether any layer changed."""
+    changed = False
+    for m in model.modules():
+        if isinstance(m, RAAttentionBase):
+            changed |= m.refresh_head_routing()
+    return changed
+
+
+@contextlib.contextmanager
+def cached_composition(model: nn.Module):
+    """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
+
+        with cached_composition(model):
+            for micro_step in range(grad_accum):
+                loss(model(x)).backward()
+        optimizer.step()
+
+    The composed weights are leaves during the block; on exit their accumulated gradient goes back
+    through the composition once. Single-process only: under DDP the composition's gradient would land
+    after the gradient all-reduce.
+    """
+    modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
+    for m in modules:
+        m.begin_cached_composition()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.end_cached_composition()

@@ -1,0 +1,90 @@
+"""ra-unified: same-FLOP reciprocal attention emitted directly by one QKV GEMM.
+
+Same formula as ra-same-flop. Every block of q~ and k~ is linear in the block input x
+(q_h = W_q,h x + b_q,h, k_h = W_k,h x + b_k,h), so the weights are composed once per forward:
+    q~_h rows: w_std W_q,h[:D_std]   ; w_rec P_h^T W_k,h ; (0                 with bias sqrt(D) w_disc)
+    k~_h rows: W_k,h[:D_std]         ; P_h^T W_q,h       ; (u_h^T W_k,h       with bias u_h . b_k,h  )
+    v rows   : W_v
+biases likewise (w_std b_q[:D_std], w_rec P^T b_k, b_k[:D_std], P^T b_q, ...). Cost O(H D R C) per step,
+no activation-sized multiplies, splits or cats: one GEMM of the baseline's shape (C -> 3C), then one
+Flash call at head dim D. The reciprocal rows are P^T of the real key/query projections, so the
+term stays reciprocal (independent K_low/Q_low rows would just be attention with another metric).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .same_flop import RASameFlopAttention
+
+
+class RAUnifiedAttention(RASameFlopAttention):
+    BACKEND = "ra-unified"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cached = None  # (weight leaf, bias leaf or None) while composed weights are cached
+        self._graph = None  # the composed (weight, bias) those leaves were detached from
+
+    def composed_qkv(self):
+        """(W~ (3C, C), b~ (3C,) or None) as described in the module doc."""
+        H, D, Ds, C = self.n_head, self.head_dim, self.std_dim, self.n_embd
+        W = self.c_attn.weight
+        W_qk = W[: 2 * C].view(2, H, D, C)
+        w_std = self.w_std().view(H, 1, 1)
+        w_rec = self.rec_gate().view(H, 1, 1)
+        # rec = [P^T W_q, P^T W_k] (2, H, R, C). Compiled, it is written as a broadcast multiply-sum over D:
+        # Inductor then emits a few fused kernels for the whole composition instead of extra GEMM calls
+        # (which cost more than they compute at this size). Eager, one batched GEMM is cheaper.
+        if torch.compiler.is_compiling():
+            rec = (self.P.unsqueeze(-1) * W_qk.unsqueeze(3)).sum(2)
+        else:
+            rec = torch.matmul(self.P.transpose(1, 2), W_qk)
+        q_rows = [w_std * W_qk[0, :, :Ds], w_rec * rec[1]]
+        k_rows = [W_qk[1, :, :Ds], rec[0]]
+        if self.discoverability:
+            q_rows.append(W.new_zeros(H, 1, C))
+            k_rows.append((self.u.unsqueeze(-1) * W_qk[1]).sum(1, keepdim=True))  # u_h^T W_k,h
+        weight = torch.cat([torch.cat(q_rows, 1).view(C, C), torch.cat(k_rows, 1).view(C, C), W[2 * C:]])
+
+        b = self.c_attn.bias
+        if b is None and not self.discoverability:
+            return weight, None
+        if b is None:
+            b = W.new_zeros(3 * C)
+        b_qk = b[: 2 * C].view(2, H, D)
+        rec_b = (self.P * b_qk.unsqueeze(-1)).sum(-2)  # (2, H, R): P^T b_q, P^T b_k
+        q_b = [w_std[:, :, 0] * b_qk[0, :, :Ds], w_rec[:, :, 0] * rec_b[1]]
+        k_b = [b_qk[1, :, :Ds], rec_b[0]]
+        if self.discoverability:
+            q_b.append((self.w_disc() * math.sqrt(D)).view(H, 1))
+            k_b.append((self.u * b_qk[1]).sum(-1, keepdim=True))
+        bias = torch.cat([torch.cat(q_b, 1).view(C), torch.cat(k_b, 1).view(C), b[2 * C:]])
+        return weight, bias
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM of the baseline's shape emitting [q~ | k~ | v]."""
+        weight, bias = self._cached if self._cached is not None else self.composed_qkv()
+        return F.linear(x, weight, bias)
+
+    def attention_heads(self, q, k, v):
+        """q, k are already q~, k~ (head dim D): one causal SDPA call."""
+        return self.attend(q, k, v)
+
+    # --- optional: compose once per optimizer step ---------------------------------------------
+    def begin_cached_composition(self):
+        """Compose now and reuse the result (as leaves that accumulate gradient) until end_...()."""
+        self._graph = self.composed_qkv()
+        self._cached = tuple(None if t is None else t.detach().requires_grad_() for t in self._graph)
+
+    def end_cached_composition(self):
+        """Back-propagate the accumulated gradient of the cached weights through the composition once."""
+        outs, grads = [], []
+        for full, leaf in zip(self._graph, self._cached):
+            if leaf is not None and leaf.grad is not None:
+                outs.append(full)
+                grads.append(leaf.grad)
+        self._cached, self._graph = None, None
+        if outs:
+            torch.autograd.backward(outs, grads)

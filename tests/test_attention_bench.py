@@ -1,0 +1,42 @@
+"""scripts/bench_attention.py: the CPU skip path and the --smoke code path (every measurement once)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "bench_attention.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU skip path")
+def test_skips_cleanly_without_a_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "skipping" in proc.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoke_run_writes_the_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
+    assert report["errors"] == [], report["errors"]
+    labels = {r["label"] for r in report["op"]}
+    assert {"sdpa", "ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"} <= labels
+    assert all(r["eager_fwd_bwd_ms"] is not None for r in report["op"])
+    compiled = {r["label"] for r in report["op"] if r.get("compiled_fwd_bwd_ms") is not None}
+    assert {"sdpa", "ra-fold-full", "ra-same-flop", "ra-fold-full+disc"} <= compiled
+    assert set(report["step"]["variants"]) >= {"sdpa", "ra-unified", "ra-same-flop"}
+    assert all(r["eager_sampled_ms"] is not None for r in report["kv"]["rows"])
+    md = (tmp_path / "attention-cpu-smoke.md").read_text()
+    for heading in ("## SDPA kernels", "## Attention op", "## Whole training step", "## Gate scaling", "## KV-pruning",
+                    "original study's optimisation ladder", "## Goals"):
+        assert heading in md
+    assert (tmp_path / "attention-cpu-smoke.png").stat().st_size > 0
