@@ -254,8 +254,13 @@ def _check_cross_field(settings: Settings, config_path) -> None:
         raise ConfigError(f"{_where(config_path, 'MODEL_N_EMBD')}: CONFIG_MODEL_N_EMBD={model.n_embd} is not "
                           f"divisible by CONFIG_MODEL_N_HEAD={model.n_head}")
     head_dim = model.n_embd // model.n_head
-    if attn.backend in ("ra-same-flop", "ra-unified"):
-        top = head_dim - 1 - (1 if attn.discoverability else 0)
+    if attn.backend in ("ra-same-flop", "ra-unified", "ra-fold-lowrank"):
+        # same-flop/unified take R dims from the standard term (keeping at least one) and
+        # the discoverability bias takes one more; fold-lowrank appends R dims, up to D.
+        if attn.backend == "ra-fold-lowrank":
+            top = head_dim
+        else:
+            top = head_dim - 1 - (1 if attn.discoverability else 0)
         if not 1 <= attn.reciprocal_rank <= top:
             raise ConfigError(f"{_where(config_path, 'ATTN_RA_RANK')}: CONFIG_ATTN_RA_RANK={attn.reciprocal_rank} "
                               f"is outside 1..{top} (head dim {head_dim}"
