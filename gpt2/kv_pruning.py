@@ -20,14 +20,22 @@ layer's logits over keep_i only (renormalised), times v. The selection is not di
 
 Selection of the top k_i (select_keys):
     exact    torch.topk over the candidates.
-    sampled  (CONFIG_RA_USE_SAMPLING and row length >= CONFIG_RA_SAMPLING_MIN_LENGTH) draw
-             s = max(64, ceil(sample_fraction * N)) candidate positions uniformly (with
-             replacement), take the ceil(k_i / n_i * s)-th largest sampled importance as the
-             threshold, and keep every candidate at or above it. The threshold comes from the sample,
-             the selection runs over all keys, so the keep count is k_i on average.
+    sampled  (CONFIG_RA_USE_SAMPLING and row length >= CONFIG_RA_SAMPLING_MIN_LENGTH) take a
+             systematic random sample of s = max(64, ceil(sample_fraction * N)) candidates,
+                 positions o + m * stride,  m = 0..s-1,  stride = n_i / s,
+             with one random offset o in [0, stride) drawn on the host (Python's random module, which
+             the trainer seeds; torch.compile replays it as a graph input), take the
+             ceil(k_i / n_i * s)-th largest sampled importance as the threshold, and keep every
+             candidate at or above it. The threshold comes from the sample, the selection runs over all
+             keys, so the keep count is k_i on average. With one count for all rows the stride is the
+             integer floor(n / s) and the sample is a strided view of the scores: the whole selection is
+             one k-th-value kernel on the view and one comparison over all keys (no RNG kernel, no
+             gather). Systematic sampling assumes importance is not periodic with the stride: a pattern
+             that repeats every `stride` keys would bias the threshold (random-order data is fine).
 """
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -70,21 +78,28 @@ def sample_rank(k, n_valid, n_sample: int):
 
 
 def select_sampled(scores: torch.Tensor, k, n_valid, n_sample: int) -> torch.Tensor:
-    """Bool mask (..., N): every score >= the k-th largest as estimated from n_sample random draws.
+    """Bool mask (..., N): every score >= the k-th largest as estimated from a systematic sample of
+    n_sample positions (see the module doc; at least MIN_SAMPLE unless the row has fewer candidates).
 
     The valid scores of a row are its first n_valid entries (-inf beyond). k and n_valid are ints (all
-    rows alike: a handful of kernels) or per-row tensors (...,). Draw positions come from the global
-    torch RNG and never depend on the data.
+    rows alike: two kernels) or per-row tensors (...,). The sample's offset comes from the host's Python
+    RNG and never depends on the data.
     """
     if isinstance(k, int):
         if k == 0:
             return torch.zeros_like(scores, dtype=torch.bool)
-        pos = torch.randint(n_valid, (n_sample,), device=scores.device)
-        sample = scores.index_select(-1, pos)
-        threshold = sample.topk(sample_rank(k, n_valid, n_sample), dim=-1).values[..., -1:]
+        n_sample = min(n_sample, n_valid)  # a short row: the "sample" is every candidate
+        stride = n_valid // n_sample
+        start = random.randrange(stride)
+        sample = scores.narrow(-1, start, (n_sample - 1) * stride + 1)[..., ::stride]  # (..., s) view
+        rank = sample_rank(k, n_valid, n_sample)  # the rank-th largest = the (s - rank + 1)-th smallest
+        threshold = sample.kthvalue(n_sample - rank + 1, dim=-1, keepdim=True).values
         return scores >= threshold
-    u = torch.rand(n_sample, device=scores.device)
-    pos = (u * n_valid.unsqueeze(-1)).long().clamp(max=scores.shape[-1] - 1)  # (..., s) in [0, n_valid)
+    # Per-row strides n_i / s: positions floor((m + o) n_i / s) for m = 0..s-1, o in [0, 1).
+    offset = random.random()
+    steps = torch.arange(n_sample, device=scores.device, dtype=torch.float32) + offset
+    pos = (steps * (n_valid.unsqueeze(-1).float() / n_sample)).long()
+    pos = pos.clamp(min=0, max=scores.shape[-1] - 1)  # (..., s) in [0, n_valid)
     pos = pos.expand(*scores.shape[:-1], n_sample)
     sample = scores.gather(-1, pos).sort(dim=-1, descending=True).values
     rank = sample_rank(k, n_valid, n_sample)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lib.settings import MLPSettings, ModelSettings
 
-from .attention.gates import Gate
+from .attention.gates import Gate, extra_parameter
 
 
 class MLP(nn.Module):
@@ -45,7 +45,8 @@ class ReciprocalMLP(MLP):
                              f"(below the hidden size {mlp.expansion} x {model.n_embd})")
         self.reciprocal_ff = mlp.reciprocal_ff
         self.std_ff = hidden - mlp.reciprocal_ff
-        self.mixer = nn.Parameter(torch.empty(mlp.reciprocal_ff, mlp.reciprocal_ff)) if mlp.mixer else None
+        # Starts at identity; never weight-decayed (decay would pull it to 0, switching the low units off).
+        self.mixer = extra_parameter(torch.empty(mlp.reciprocal_ff, mlp.reciprocal_ff)) if mlp.mixer else None
         self.w_std = Gate(1, "per-layer", 1.0) if mlp.gates else None
         self.w_rec = Gate(1, "per-layer", 1.0) if mlp.gates else None
         self.reset_extra_parameters()

@@ -1,7 +1,10 @@
 """Optimizers (AdamW, AdamW-SPAM) and the budget-driven learning-rate schedule.
 
 Weight decay follows nanoGPT: every parameter with dim >= 2 (weight matrices, embeddings)
-decays; biases, LayerNorm gains and gates (dim < 2) do not.
+decays; biases, LayerNorm gains and gates (dim < 2) do not. Nor does any parameter marked
+`no_weight_decay = True` (the RA extras: P, u, the R-MLP mixer, gates; see gpt2/attention/gates.py
+extra_parameter), whatever its dims: they start at meaningful values (identity, orthonormal columns)
+that decay would pull to 0.
 """
 
 import math
@@ -15,8 +18,9 @@ ADAM_EPS = 1e-8
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     params = [p for p in model.parameters() if p.requires_grad]  # unique: a tied weight appears once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decays = [p.dim() >= 2 and not getattr(p, "no_weight_decay", False) for p in params]
+    decay = [p for p, d in zip(params, decays) if d]
+    no_decay = [p for p, d in zip(params, decays) if not d]
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 
 from gpt2 import distributed
+from gpt2.attention import cached_composition
 from gpt2.model import GPT
 
 
@@ -34,12 +35,26 @@ class TrainStep:
 
     `model` is what runs forward (possibly compiled and/or DDP-wrapped); `raw_model` the bare GPT that
     owns the parameters. Returns the mean micro-batch loss as a device tensor (no synchronisation).
+
+    Composed-weight caching (ra-unified; a no-op for every other backend). With grad_accum > 1 in one
+    process, the micro-steps run inside gpt2.attention.cached_composition: the QKV weight is composed once
+    per optimizer step instead of once per forward, and its accumulated gradient goes back through the
+    composition once when the block closes, before clipping. Under DDP every forward composes for itself:
+    DDP all-reduces gradients from hooks that fire during the last micro-step's backward, and the
+    gradient of a cached composition reaches c_attn, P and the gates only after that, when the block
+    closes, so those gradients would never be reduced across ranks (and DDP would find parameters that
+    received no gradient in the backward it watched).
     """
 
     def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
-                 grad_clip: float, ddp: bool = False):
+                 grad_clip: float, ddp: bool = False, cache_composition: bool | None = None):
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
+        if cache_composition is None:
+            cache_composition = grad_accum > 1 and not ddp
+        if cache_composition and ddp:
+            raise ValueError("cached composition is single-process only (see TrainStep)")
+        self.cache_composition = cache_composition
         self.autocast = autocast_context(device, precision)
         fp16 = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -54,6 +69,22 @@ class TrainStep:
         return x, y
 
     def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
+        with cached_composition(self.raw_model) if self.cache_composition else nullcontext():
+            loss_sum = self.accumulate(batches, inject_nan)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.grad_accum
+
+    def accumulate(self, batches, inject_nan: bool) -> torch.Tensor:
+        """Forward/backward of every micro-batch; returns the summed loss (device tensor)."""
         loss_sum = None
         for micro in range(self.grad_accum):
             last = micro == self.grad_accum - 1
@@ -69,17 +100,7 @@ class TrainStep:
                     objective = objective + self.raw_model.regularization_loss()
                 (self.scaler.scale(objective) if self.scaler else objective).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum
+        return loss_sum
 
 
 @torch.no_grad()

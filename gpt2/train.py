@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gpt2 import checkpoint as ckpt
+from gpt2.attention import RoutingMonitor
 from gpt2 import distributed
 from gpt2.budget import Budget, Progress, warmup_step_count
 from gpt2.metrics import EvalLog, flops_per_token, mfu, peak_flops, peak_memory_bytes, perplexity, write_metrics
@@ -75,6 +76,7 @@ class Run:
         self.unigram = None
         self.tracker = None
         self.bar = None
+        self.routing = None  # RoutingMonitor when head-selective routing is on
 
     # -- setup --
     def setup(self):
@@ -141,6 +143,7 @@ class Run:
             del state
         elif self.resume:
             log.info(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+        self.routing = RoutingMonitor(self.raw_model) if s.attention.head_select_threshold > 0 else None
         self.p.sessions += 1
         self.wall_base = self.p.wall_time_s
         self.eval_log = EvalLog(self.run_dir, resume_iter) if dctx.is_main else None
@@ -152,6 +155,7 @@ class Run:
         self.tracker = build_tracker(s.tracking, self.run_dir, enabled=dctx.is_main)
         for line in header_lines(self, resume_iter):
             log.info(line)
+        self.refresh_routing()  # the loaded (or initial) gates decide the routing before the first step
 
     # -- the loop --
     def train(self, stop: StopSignals):
@@ -228,6 +232,7 @@ class Run:
             if signum:
                 continue  # stop: the checkpoint after the loop stands in for this point's eval and checkpoint
             if due_eval:
+                self.refresh_routing()
                 self.run_eval(lr)
             if due_ckpt:
                 self.save()
@@ -280,6 +285,12 @@ class Run:
         log.info(" | ".join(parts))
         self.tracker.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                           "perf/tokens_per_s": tokens_per_s, "perf/mfu": util}, p.iters)
+
+    def refresh_routing(self):
+        """Recompute head routing (a constant to compiled forwards) and log changed layers."""
+        if self.routing is not None:
+            for line in self.routing.refresh():
+                log.info(line)
 
     def run_eval(self, lr):
         p = self.p

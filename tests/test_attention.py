@@ -4,7 +4,7 @@ equalities between backends, routing, discoverability, self-restart, gates and i
 import pytest
 import torch
 
-from gpt2.attention import BACKENDS, build_attention, cached_composition, refresh_head_routing
+from gpt2.attention import BACKENDS, RoutingMonitor, build_attention, cached_composition, refresh_head_routing
 from gpt2.attention.gates import Gate, SelfRestart
 from test_attention_helpers import (ALL_BACKENDS, FORM, RA_BACKENDS, attn_settings, explicit_attention, kv_settings,
                                     model_settings, randomize, rel_err)
@@ -330,3 +330,33 @@ def test_routing_is_known_at_construction():
     m = build("ra-fold-lowrank", threshold=0.1, w_rec=0.0)
     x = torch.randn(1, T, C)
     assert rel_err(m(x), reference_of(m, "ra-fold-lowrank", x)) < 1e-5
+
+
+def test_compiled_routing_switches_path_after_refresh():
+    """Under torch.compile forwards never refresh routing: a head whose w_rec drops below the threshold keeps
+    the RA path until RoutingMonitor.refresh (what the trainer calls at evaluations and after loading)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = build("ra-fold-full", threshold=0.3)
+    randomize(m, seed=3)
+    with torch.no_grad():
+        m.w_rec.sqrt_weight.fill_(0.9)  # every head on the RA path
+    monitor = RoutingMonitor(torch.nn.Sequential(m))
+    assert monitor.refresh() == [] and m.routed_heads is None
+    compiled = torch.compile(m, backend="eager")
+    x = torch.randn(1, T, C)
+    assert rel_err(compiled(x), reference_of(m, "ra-fold-full", x)) < 1e-5
+    with torch.no_grad():
+        m.w_rec.sqrt_weight[2] = 0.2  # w_rec = 0.04 < 0.3
+    # Stale: head 2 still runs the RA path with its (small, non-zero) reciprocal term.
+    assert rel_err(compiled(x), reference_of(m, "ra-fold-full", x)) < 1e-5
+    assert m.routed_heads is None
+    assert monitor.refresh() == ["routing: layer 0 now 1/4 heads on the plain path (w_rec < 0.3: heads [2])"]
+    assert m.routed_heads == (0, 1, 3)
+    y = compiled(x)  # recompiles once for the new head set
+    assert rel_err(y, reference_of(m, "ra-fold-full", x, plain_heads=(2,))) < 1e-5
+    assert rel_err(y, reference_of(m, "ra-fold-full", x)) > 1e-4
+    assert monitor.refresh() == []  # nothing changed since
+    with torch.no_grad():
+        m.w_rec.sqrt_weight[2] = 0.9
+    assert monitor.refresh() == ["routing: layer 0 now 0/4 heads on the plain path (w_rec < 0.3: heads [])"]

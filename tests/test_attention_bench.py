@@ -37,6 +37,28 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert all(r["eager_sampled_ms"] is not None for r in report["kv"]["rows"])
     md = (tmp_path / "attention-cpu-smoke.md").read_text()
     for heading in ("## SDPA kernels", "## Attention op", "## Whole training step", "## Gate scaling", "## KV-pruning",
-                    "original study's optimisation ladder", "## Goals"):
+                    "## Whole optimizer step with gradient accumulation", "original study's optimisation ladder",
+                    "## Goals"):
         assert heading in md
+    accum = report["step-accum"]
+    assert accum["workload"]["accum"] == 8 and set(accum["variants"]) == {"sdpa", "ra-unified", "ra-same-flop"}
+    assert accum["variants"]["ra-unified"]["cached_composition"] is True
+    assert all(r["ratio"] is not None for r in accum["variants"].values())
+    assert "ra-unified whole optimizer step <= 1.005x (grad accum, cached composition)" in report["goals"]
+    assert "ra-unified whole step <= 1.005x" in report["goals"]  # the per-micro-step goal stays
     assert (tmp_path / "attention-cpu-smoke.png").stat().st_size > 0
+
+    # --sections re-measures only those and keeps the rest of the saved report.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections", "step-accum,kv", "--accum", "2",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step: build" not in proc.stdout and "step-accum: build" in proc.stdout
+    merged = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
+    for kept in ("sdpa", "op", "gates", "step"):
+        assert merged[kept] == report[kept], kept
+        assert merged["section_runs"][kept] == report["section_runs"][kept]
+    assert merged["step-accum"]["workload"]["accum"] == 2
+    assert merged["section_runs"]["kv"]["date"] == merged["date"] != report["date"]
+    md = (tmp_path / "attention-cpu-smoke.md").read_text()
+    assert "## Whole training step" in md and "## SDPA kernels" in md and "Merged report: " in md
+    assert "8 micro-batches" not in md and "2 micro-batches per optimizer step" in md

@@ -2,6 +2,7 @@
 sampled-threshold statistics, renormalised attention, and causality through the attention modules."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_exact_keep_counts():
 def test_sampled_keep_count_within_5_percent_at_16k():
     """Threshold from a 2% sample, selection over all 16K keys: the mean keep count is within 5% of k."""
     torch.manual_seed(0)
+    random.seed(0)
     N, ratio = 16384, 0.382
     kv = kv_settings(enabled=True, keep_ratio=ratio, sampling=True, min_length=4096, fraction=0.02)
     assert kv_pruning.uses_sampling(kv, N) and kv_pruning.sample_size(kv, N) == 328
@@ -70,6 +72,27 @@ def test_sampled_keep_count_within_5_percent_at_16k():
             assert row_imp[row_keep].min() >= row_imp[~row_keep].max()
         exact = kv_pruning.select_keys(importance, k_arg, n_arg, k, kv_settings(enabled=True))
         assert (exact.sum(-1) == k).all()
+
+
+def test_sampled_threshold_is_a_systematic_sample_without_device_rng():
+    """One host-drawn offset o, positions o + m * floor(n / s): the threshold is the sample's order statistic,
+    and the torch RNG (a kernel on the GPU) is never touched."""
+    N, n_valid, s, k = 1000, 900, 64, 300
+    scores = torch.rand(3, N)
+    scores[:, n_valid:] = float("-inf")
+    random.seed(11)
+    start = random.randrange(n_valid // s)
+    random.seed(11)
+    rng = torch.get_rng_state()
+    keep = kv_pruning.select_sampled(scores, k, n_valid, s)
+    assert torch.equal(torch.get_rng_state(), rng)
+    sample = scores[:, start + (n_valid // s) * torch.arange(s)]
+    rank = kv_pruning.sample_rank(k, n_valid, s)
+    threshold = sample.sort(-1, descending=True).values[:, rank - 1:rank]
+    assert torch.equal(keep, scores >= threshold)
+    # Rows shorter than the sample: every candidate is sampled, the threshold is exact.
+    short = torch.rand(2, 50)
+    assert torch.equal(kv_pruning.select_sampled(short, 10, 50, 64), kv_pruning.select_exact(short, 10))
 
 
 def test_sampling_threshold_setting():
@@ -114,12 +137,12 @@ def test_pruned_attention_is_causal(backend, sampling):
     m = build_attention(model_settings(), attn_settings(backend, disc=backend != "sdpa"), kv, 0).eval()
     randomize(m, seed=1)
     x = torch.randn(2, 20, 32)
-    torch.manual_seed(5)
+    random.seed(5)  # the systematic sample's offset is drawn from Python's RNG
     y = m(x)
     for t in (3, 11, 19):
         x2 = x.clone()
         x2[:, t] += 3 * torch.randn(2, 32)
-        torch.manual_seed(5)  # the same sample positions
+        random.seed(5)  # the same sample positions
         y2 = m(x2)
         assert torch.equal(y[:, :t], y2[:, :t]), t
         assert not torch.allclose(y[:, t], y2[:, t])

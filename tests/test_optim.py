@@ -8,6 +8,7 @@ import torch
 from gpt2.model import GPT, baseline_attention, baseline_mlp, no_kv_pruning
 from gpt2.optim import AdamWSpam, build_optimizer, lr_at, param_groups
 from lib.settings import ModelSettings, OptimizerSettings, TrainSettings
+from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings
 
 
 def tiny_model():
@@ -39,6 +40,33 @@ def test_param_groups_decay_matrices_only():
     ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # tied weight once
     assert any(p is model.transformer.wte.weight for p in decay["params"])  # nanoGPT: embeddings decay
+
+
+@pytest.mark.parametrize("backend", ["ra-fold-lowrank", "ra-same-flop", "ra-unified"])
+def test_ra_extras_are_never_weight_decayed(backend):
+    """P, u, the R-MLP mixer, gates and alpha are marked no_weight_decay; the shared matrices still decay."""
+    model = GPT(model_settings(n_embd=16, n_head=2, n_layer=2), attn_settings(backend, disc=True, restart=True),
+                mlp_settings("reciprocal", rff=4, mixer=True, gates=True), kv_settings(), 50, seed=0)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    extras = {n for n in kept if n.endswith((".P", ".u", ".mixer", "sqrt_weight", "alpha_logit"))}
+    assert {n.rsplit(".", 1)[-1] for n in extras} >= {"P", "u", "mixer", "sqrt_weight", "alpha_logit"}
+    assert all(p.dim() >= 2 for n, p in model.named_parameters() if n.endswith((".P", ".u", ".mixer")))
+    assert not any(n.endswith((".P", ".u", ".mixer")) for n in decayed)
+    assert "transformer.h.0.attn.c_attn.weight" in decayed and "transformer.h.0.mlp.c_fc.weight" in decayed
+    # The mark survives a dtype move, and the optimizer really leaves the mixer alone at lr 0 + decay.
+    model.double()
+    mixer = model.transformer.h[0].mlp.mixer
+    assert getattr(mixer, "no_weight_decay", False)
+    opt = torch.optim.AdamW(param_groups(model, 0.5), lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before_mixer, before_w = mixer.detach().clone(), model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(mixer.detach(), before_mixer)  # zero gradient, no decay: unchanged
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight.detach(), before_w * 0.5)
 
 
 def test_build_optimizer_kinds():

@@ -305,3 +305,125 @@ def test_trainer_starts_from_a_hugging_face_checkpoint(make_config, tmp_path):
                          "MODEL_BLOCK_SIZE": "128"}, name="hf-wrong")
     assert train_in_process(wrong, tmp_path / "wrong") == 1
     assert "block_size: config 128 > checkpoint n_positions 64" in metrics(tmp_path / "wrong")["failure_reason"]
+
+
+# ---- TrainStep: composed-weight caching under gradient accumulation --------------------------------
+
+class ListBatches:
+    """BatchSource stand-in: the same fixed micro-batches, in order."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+
+def accumulated_step(backend, cache_composition, disc=False):
+    """Parameters after one TrainStep (grad_accum 4, fp32 CPU) of a tiny GPT with `backend`."""
+    import torch
+
+    from gpt2.model import GPT
+    from gpt2.step import TrainStep
+    from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings, randomize
+
+    torch.manual_seed(0)
+    model = GPT(model_settings(n_embd=16, n_head=2, n_layer=2, block_size=8), attn_settings(backend, disc=disc),
+                mlp_settings(), kv_settings(), 50, seed=0)
+    for block in model.transformer.h:
+        randomize(block.attn, seed=1, shared=False)  # gates, P, u away from their initial values
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    step = TrainStep(model, model, optimizer, device=torch.device("cpu"), precision="fp32", grad_accum=4,
+                     grad_clip=0.0, cache_composition=cache_composition)
+    g = torch.Generator().manual_seed(3)
+    batches = ListBatches([(torch.randint(50, (2, 8), generator=g), torch.randint(50, (2, 8), generator=g))
+                           for _ in range(4)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = step(batches)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return loss, after, before
+
+
+@pytest.mark.parametrize("disc", [False, True])
+def test_cached_composition_step_equals_per_forward_composition(disc, monkeypatch):
+    """ra-unified, grad_accum 4: composing once per step gives the parameters of composing per forward."""
+    import torch
+
+    from gpt2.attention.unified import RAUnifiedAttention
+
+    calls = []
+    compose = RAUnifiedAttention.composed_qkv
+    monkeypatch.setattr(RAUnifiedAttention, "composed_qkv", lambda self: calls.append(1) or compose(self))
+    loss_cached, cached, before = accumulated_step("ra-unified", True, disc)
+    assert len(calls) == 2  # once per layer for the whole step, not once per micro-step
+    calls.clear()
+    loss_plain, plain, _ = accumulated_step("ra-unified", False, disc)
+    assert len(calls) == 2 * 4
+    torch.testing.assert_close(loss_cached, loss_plain)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    # The composition's gradient really reached c_attn, P and the gates (they moved).
+    composed_from = [n for n in plain if n.endswith((".P", "w_std.sqrt_weight", "w_rec.sqrt_weight", "c_attn.weight")
+                                                     + ((".u", "w_disc.sqrt_weight") if disc else ()))]
+    assert len(composed_from) == 2 * (6 if disc else 4)
+    assert all(not torch.equal(cached[n], before[n]) for n in composed_from)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "ra-same-flop", "ra-fold-full"])
+def test_cached_composition_is_a_no_op_for_other_backends(backend):
+    import torch
+
+    loss_cached, cached, _ = accumulated_step(backend, True)
+    loss_plain, plain, _ = accumulated_step(backend, False)
+    assert torch.equal(loss_cached, loss_plain)
+    assert all(torch.equal(cached[n], plain[n]) for n in plain)
+
+
+def test_cached_composition_default_is_single_process_accumulation_only():
+    import torch
+
+    from gpt2.step import TrainStep
+
+    model = torch.nn.Linear(2, 2)
+    model.attention_modules = lambda: []
+    make = lambda **kw: TrainStep(model, model, None, device=torch.device("cpu"), precision="fp32",  # noqa: E731
+                                  grad_clip=0.0, **kw)
+    assert make(grad_accum=4).cache_composition
+    assert not make(grad_accum=1).cache_composition
+    assert not make(grad_accum=4, ddp=True).cache_composition
+    with pytest.raises(ValueError, match="single-process"):
+        make(grad_accum=4, ddp=True, cache_composition=True)
+
+
+def test_head_routing_is_refreshed_at_evaluations_and_after_loading(make_config, tmp_path, monkeypatch):
+    """A head whose w_rec falls below CONFIG_ATTN_HEAD_SELECT_THRESHOLD is logged as switched at the next
+    evaluation, and a resumed run routes it from the loaded gates before its first step."""
+    import torch
+
+    from gpt2.step import TrainStep
+
+    config = make_config({"ATTN_BACKEND_RA_FOLD_FULL": "y", "ATTN_HEAD_SELECT_THRESHOLD": "0.3",
+                          "TRAIN_MAX_ITERS": "8", "TRAIN_EVAL_INTERVAL": "4", "TRAIN_CHECKPOINT_INTERVAL": "0"})
+    step = TrainStep.__call__
+
+    def step_then_drop_a_head(self, batches, inject_nan=False):
+        loss = step(self, batches, inject_nan)
+        if not hasattr(self, "dropped"):  # after the first step: w_rec of layer 1, head 0 -> 0
+            with torch.no_grad():
+                self.raw_model.transformer.h[1].attn.w_rec.sqrt_weight[0] = 0.0
+            self.dropped = True
+        return loss
+
+    monkeypatch.setattr(TrainStep, "__call__", step_then_drop_a_head)
+    run_dir = tmp_path / "run"
+    assert train_in_process(config, run_dir) == 0
+    n_head = load_settings(config, environ={}).model.n_head
+    lines = [line for line in (run_dir / "train.log").read_text().splitlines() if "routing:" in line]
+    assert len(lines) == 1 and f"routing: layer 1 now 1/{n_head} heads on the plain path" in lines[0], lines
+    assert "heads [0]" in lines[0]
+    monkeypatch.setattr(TrainStep, "__call__", step)
+    assert train_in_process(config, run_dir, resume=True, environ={"GPT2_MAX_ITERS": "10"}) == 0
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count(f"routing: layer 1 now 1/{n_head} heads on the plain path") == 2
+    assert log_text.index("resuming at iter 8") < log_text.rindex("routing: layer 1")

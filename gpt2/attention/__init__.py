@@ -34,7 +34,7 @@ BACKENDS = {
     "ra-unified": RAUnifiedAttention,
 }
 
-__all__ = ["BACKENDS", "build_attention", "refresh_head_routing", "cached_composition",
+__all__ = ["BACKENDS", "build_attention", "refresh_head_routing", "RoutingMonitor", "cached_composition",
            "AttentionBase", "RAAttentionBase"]
 
 
@@ -55,6 +55,33 @@ def refresh_head_routing(model: nn.Module) -> bool:
         if isinstance(m, RAAttentionBase):
             changed |= m.refresh_head_routing()
     return changed
+
+
+class RoutingMonitor:
+    """Refreshes head-selective routing and says which layers changed since the previous refresh.
+
+    Under torch.compile the routed head set is a guarded constant that forwards never update, so the
+    trainer refreshes it after loading a checkpoint and at every evaluation (one small host read per RA
+    layer); a changed set recompiles that layer's graph once. Eager forwards refresh by themselves, so
+    changes are tracked against this monitor's own previous view, not the modules' state.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for m in model.modules() if isinstance(m, RAAttentionBase) and m.head_select_threshold > 0]
+        self.plain = {}  # layer -> heads on the plain path at the previous refresh (none before the first)
+
+    def refresh(self) -> list:
+        """Recompute routing; one line per layer whose plain-path heads changed."""
+        lines = []
+        for m in self.modules:
+            m.refresh_head_routing()
+            ra = range(m.n_head) if m.routed_heads is None else m.routed_heads
+            plain = tuple(h for h in range(m.n_head) if h not in ra)
+            if plain != self.plain.get(m.layer_idx, ()):
+                lines.append(f"routing: layer {m.layer_idx} now {len(plain)}/{m.n_head} heads on the plain path "
+                             f"(w_rec < {m.head_select_threshold:g}: heads {list(plain)})")
+            self.plain[m.layer_idx] = plain
+        return lines
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lib.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .. import kv_pruning
-from .gates import Gate, SelfRestart
+from .gates import Gate, SelfRestart, extra_parameter
 
 # w_disc starts at 1 and u at 0: the bias is off at init (d_j = 0) yet u receives gradient.
 W_DISC_INIT = 1.0
@@ -93,7 +93,7 @@ class RAAttentionBase(AttentionBase):
         self.discoverability = attn.discoverability
         if attn.discoverability:
             self.w_disc = Gate(H, attn.gate_granularity, W_DISC_INIT)
-            self.u = nn.Parameter(torch.zeros(H, self.head_dim))
+            self.u = extra_parameter(torch.zeros(H, self.head_dim))  # never weight-decayed
         self.head_select_threshold = attn.head_select_threshold
         self.w_rec_l1 = attn.w_rec_l1
         self.register_buffer("zero_loss", torch.zeros(()), persistent=False)  # no allocation per step

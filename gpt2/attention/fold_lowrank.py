@@ -12,12 +12,11 @@ bias rides on the standard dims as in ra-fold-full. Routing as in ra-fold-full.
 """
 
 import torch
-import torch.nn as nn
 
 from lib.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .common import RAAttentionBase
-from .gates import fold_cat, orthonormal_columns, private_generator
+from .gates import extra_parameter, fold_cat, orthonormal_columns, private_generator
 
 P_TAG = 1
 
@@ -36,7 +35,7 @@ class LowRankMixin:
 
     def init_projection(self, rank: int):
         self.rank = rank
-        self.P = nn.Parameter(torch.empty(self.n_head, self.head_dim, rank))
+        self.P = extra_parameter(torch.empty(self.n_head, self.head_dim, rank))  # never weight-decayed
         self.reset_projection()
 
     @torch.no_grad()

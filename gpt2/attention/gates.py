@@ -1,5 +1,9 @@
 """Small learned pieces shared by the reciprocal-attention backends.
 
+Every extra parameter of the RA family (gates, P, u, alpha, the R-MLP mixer) is created through
+`extra_parameter`, which marks it `no_weight_decay`: gpt2/optim.py never decays it, whatever its
+dims (the mixer starts at identity and P with orthonormal columns; decay would pull them to 0).
+
 Gates. Every gate w (w_std, w_rec, w_disc) is stored through its square root s and used as
     w = s^2.
 So w >= 0 always, w = 0 is exactly representable (s = 0), and a gate that starts at 0 stays at 0
@@ -17,6 +21,13 @@ import math
 import torch
 import torch.nn as nn
 
+def extra_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    """An nn.Parameter marked `no_weight_decay = True` (read by gpt2.optim.param_groups)."""
+    param = nn.Parameter(tensor)
+    param.no_weight_decay = True
+    return param
+
+
 # Flash kernels want the head dimension to be a multiple of this; folded heads are zero-padded to it.
 HEAD_DIM_MULTIPLE = 8
 
@@ -32,7 +43,7 @@ class Gate(nn.Module):
             raise ValueError(f"gate init {init} must be >= 0")
         self.n_head = n_head
         self.init = float(init)
-        self.sqrt_weight = nn.Parameter(torch.empty(n_head if granularity == "per-head" else 1))
+        self.sqrt_weight = extra_parameter(torch.empty(n_head if granularity == "per-head" else 1))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -51,7 +62,7 @@ class SelfRestart(nn.Module):
 
     def __init__(self, n_head: int):
         super().__init__()
-        self.alpha_logit = nn.Parameter(torch.empty(n_head))
+        self.alpha_logit = extra_parameter(torch.empty(n_head))
         self.reset_parameters()
 
     @torch.no_grad()

@@ -1,0 +1,162 @@
+"""What every benchmark section shares: backends, settings builders, the workload sizes, and timing.
+
+Bench times callables (GPU time from torch.profiler kernel durations, or the wall clock) and records a
+failing measurement in the report instead of raising.
+"""
+
+import contextlib
+import gc
+import statistics
+import time
+import traceback
+
+import torch
+
+from lib.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
+
+BACKENDS = ["sdpa", "ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
+FAST_RA = ["ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
+RANK = 8
+KEEP_RATIO = 0.382
+MODES = ("eager", "compiled")
+
+# ---- settings ---------------------------------------------------------------------------------
+
+def model_settings(n_layer, n_head, n_embd, block_size):
+    return ModelSettings(size="custom", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                         dropout=0.0, bias=True, tie_weights=True, init_from="scratch", hf_checkpoint_dir="")
+
+
+def attention_settings(variant, rank, threshold=0.0):
+    backend, _, extra = variant.partition("+")
+    return AttentionSettings(backend=backend, reciprocal_rank=rank, gate_granularity="per-head", w_std_init=1.0,
+                             w_rec_init=0.5, head_select_threshold=threshold, w_rec_l1=0.0,
+                             discoverability=extra == "disc", self_restart=False)
+
+
+NO_KV = KVPruningSettings(enabled=False, keep_ratio=1.0, recency_window=0, use_sampling=False,
+                          sampling_min_length=0, sample_fraction=0.0)
+STANDARD_MLP = MLPSettings(kind="standard", expansion=4, reciprocal_ff=0, mixer=False, gates=False)
+
+
+def workload(smoke: bool) -> dict:
+    if smoke:
+        return dict(op_shapes=[(2, 2, 16, 8)], rank=2, step=dict(n_layer=2, n_head=2, n_embd=16, block_size=16,
+                    batch_size=2, vocab_size=64), compile=False, gate_shape=(2, 16, 2, 8),
+                    kv_lengths=[256, 1024])
+    return dict(op_shapes=[(8, 12, 1024, 64), (2, 12, 4096, 64)], rank=RANK,
+                step=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50257),
+                compile=True, gate_shape=(16, 1024, 12, 64), kv_lengths=[1024, 4096, 16384, 65536, 131072])
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+class Bench:
+    """Times callables and records failures instead of raising."""
+
+    def __init__(self, device, smoke, budget_s):
+        self.device, self.smoke = device, smoke
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+        self.errors = []
+        self.section = None  # the section being measured; failures are tagged with it
+        try:
+            from triton.testing import do_bench
+            self.do_bench = do_bench if device.type == "cuda" else None
+        except ImportError:
+            self.do_bench = None
+
+    def elapsed_s(self):
+        return time.perf_counter() - self.start
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def ms(self, fn) -> float:
+        """Median wall milliseconds per fn() (host launch overhead included), once in smoke mode."""
+        if self.smoke or self.device.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return 1000 * (time.perf_counter() - t0)
+        if self.do_bench is not None:
+            return float(self.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def gpu_ms(self, fn, iters=20) -> float:
+        """GPU milliseconds per fn(): the summed duration of its kernels (torch.profiler CUDA activity), so
+        neither the host's launch overhead nor idle gaps count. Once, by the wall clock, in smoke mode."""
+        if self.smoke or self.device.type != "cuda":
+            return self.ms(fn)
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        total_us = 0.0
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                total_us += event.time_range.elapsed_us()
+        if total_us == 0:
+            raise RuntimeError("the profiler recorded no GPU kernels")
+        return total_us / iters / 1000
+
+    def attempt(self, label, fn):
+        """fn() or None; a failure (including out-of-memory) is recorded with its label."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any failure of one measurement must not end the run
+            self.errors.append({"label": label, "section": self.section,
+                                "error": f"{type(exc).__name__}: {exc}".strip()[:2000],
+                                "traceback": traceback.format_exc(limit=6)})
+            print(f"  FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            return None
+        finally:
+            if self.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def act_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+
+def compile_fn(fn, smoke):
+    """torch.compile(fn, dynamic=False): one static compile per shape, as the training step compiles
+    (symbolic-shape kernels were several times slower here). Smoke runs keep fn as it is."""
+    return fn if smoke else torch.compile(fn, dynamic=False)
+
+
+def time_fwd_and_bwd(bench, forward, inputs):
+    """{fwd, fwd_bwd: GPU kernel ms; fwd_bwd_wall: wall ms} of forward() and forward() + gradients to inputs."""
+    grad = torch.randn_like(forward())
+
+    def forward_backward():
+        torch.autograd.grad(forward(), inputs, grad, allow_unused=True)
+
+    forward_backward()  # compiles the backward graph, if any, before timing
+    with torch.no_grad():
+        forward()
+        fwd = bench.gpu_ms(forward)
+    return {"fwd": fwd, "fwd_bwd": bench.gpu_ms(forward_backward), "fwd_bwd_wall": bench.ms(forward_backward)}

@@ -1,0 +1,219 @@
+"""The report as text: report.md (one table per section, the ladder, the goals) and the PNG."""
+
+from lib.runs import atomic_write_json, atomic_write_text
+
+from .common import MODES
+from .op import op_variants
+from .report import GOALS, best, find
+
+
+def sdpa_lines(report):
+    sd = report["sdpa"]
+    if not sd or not sd.get("rows"):
+        return []
+    base = sd["rows"][0].get("default")
+    lines = ["## SDPA kernels at the folded widths", "",
+             f"Causal SDPA forward+backward at B{sd['shape'][0]} H{sd['shape'][1]} T{sd['shape'][2]}, ms "
+             f"(x the default kernel at q/k = v = 64); n/a = the kernel refuses the shape.", "",
+             "| q/k dim | v dim | " + " | ".join(sd["kernels"]) + " |", "|---|---|" + "---|" * len(sd["kernels"])]
+    for r in sd["rows"]:
+        cells = [f"{fmt(r.get(k))} ({fmt(r[k] / base if r.get(k) and base else None, '.2f', 'x')})"
+                 for k in sd["kernels"]]
+        lines.append(f"| {r['dqk']} | {r['dv']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+
+def fmt(x, spec=".3f", unit=""):
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def render_markdown(report) -> str:
+    lines = [f"# Attention backends: {report['device']}", "",
+             f"{report['date']}, torch {report['torch']}, CUDA {report['cuda']}, bf16 autocast. "
+             f"Rank R = {report['workload']['rank']} for the low-rank / same-FLOP / unified backends; "
+             f"w_std = 1, w_rec = 0.5. Op, SDPA, gate and KV timings are GPU time: kernel durations summed "
+             f"by torch.profiler over 20 warmed-up calls (the host's launch overhead, which dominates eager code "
+             f"at these sizes, is left out); training steps are wall clock. "
+             f"Run time {report['elapsed_s']:.0f} s." + (" **Smoke run on tiny CPU sizes: numbers mean nothing.**"
+                                                        if report["smoke"] else "") + merged_note(report), ""]
+    lines += sdpa_lines(report)
+    for key, title, what in (("op", "Attention op", "Per-head q, k, v -> y: the backend's fold and kernel "
+                              "(ra-unified's fold lives in its GEMM, so its op is plain SDPA: see the step table)"),
+                             ("layer", "Attention layer", "x -> out: QKV GEMM (composed for ra-unified), fold, "
+                              "kernel, output projection")):
+        if not report[key]:
+            continue
+        lines += [f"## {title}", "", what + ". eager = the module's own kernels; compiled = torch.compile with "
+                  "static shapes, as the training step compiles (only where it differs from eager). ms = GPU time "
+                  "(summed kernel durations); the last column is the compiled fwd+bwd by the wall clock, host "
+                  "overhead included.",
+                  "", "| backend | B, H, T, D | eager fwd ms | x SDPA | eager fwd+bwd ms | x SDPA | compiled fwd ms | "
+                  "x SDPA | compiled fwd+bwd ms | x SDPA | compiled fwd+bwd wall ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report[key]:
+            cells = []
+            for mode in MODES:
+                for part in ("fwd", "fwd_bwd"):
+                    cells += [fmt(r.get(f"{mode}_{part}_ms")), fmt(r.get(f"{mode}_{part}_ratio"), ".2f", "x")]
+            cells.append(fmt(r.get("compiled_fwd_bwd_wall_ms")))
+            lines.append(f"| {r['label']} | {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report.get("step"):
+        sw = report["step"]["workload"]
+        lines += ["## Whole training step", "",
+                  f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
+                  f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
+                  f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
+                  f"{sw['steps_per_round']} steps; median round.", "",
+                  "| variant | ms/step | tokens/s | x baseline | warm-up (compile) s |", "|---|---|---|---|---|"]
+        for name, r in report["step"]["variants"].items():
+            if "skipped" in r:
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | |")
+                continue
+            lines.append(f"| {name} | {fmt(r.get('ms_per_step'), '.2f')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+                         f"{fmt(r.get('ratio'), '.4f', 'x')} | {fmt(r.get('warmup_s'), '.1f')} |")
+        lines.append("")
+    if report.get("step-accum"):
+        lines += step_accum_lines(report["step-accum"])
+    g = report["gates"]
+    if g["rows"]:
+        lines += gate_lines(g)
+    if report["kv"]["rows"]:
+        lines += kv_lines(report["kv"])
+    lines += ladder_and_goal_lines(report)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def gate_lines(g):
+    lines = ["## Gate scaling on the QKV projection", "",
+              f"x (B{g['shape']['B']}, T{g['shape']['T']}, C{g['shape']['H'] * g['shape']['D']}) -> QKV with per-head "
+              f"gates on the query's {g['shape']['D'] - g['shape']['R']} standard and {g['shape']['R']} reciprocal "
+              "dims; forward+backward (gradients to x, W and the gates); GPU time.", "",
+              "| method | eager fwd+bwd ms | x GEMM only | compiled fwd+bwd ms | x GEMM only |",
+              "|---|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['label']} | {fmt(r['eager_fwd_bwd_ms'])} | {fmt(r['eager_ratio'], '.3f', 'x')} | "
+                     f"{fmt(r['compiled_fwd_bwd_ms'])} | {fmt(r['compiled_ratio'], '.3f', 'x')} |")
+    return lines + [""]
+
+
+def kv_lines(kv):
+    lines = ["## KV-pruning key selection", "",
+              f"B1, H{kv['heads']} importance vectors, keep {100 * kv['keep_ratio']:.1f}%; sampled = threshold "
+              f"from a {100 * kv['sample_fraction']:.0f}% sample (at least 64), selection over all keys.", "",
+              "| T | sample | eager exact ms | eager sampled ms | exact / sampled | compiled exact ms | "
+              "compiled sampled ms | exact / sampled | sampled keep / k |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in kv["rows"]:
+        cells = []
+        for mode in MODES:
+            cells += [fmt(r.get(f"{mode}_exact_ms")), fmt(r.get(f"{mode}_sampled_ms")),
+                      fmt(r.get(f"{mode}_speedup"), ".2f", "x")]
+        lines.append(f"| {r['T']} | {r['sample']} | " + " | ".join(cells) + f" | {fmt(r['sampled_keep_over_k'], '.3f')} |")
+    return lines + [""]
+
+
+def ladder_and_goal_lines(report):
+    lines = ["## The original study's optimisation ladder", "",
+              "Their figures were measured on a smaller GPU; ours on this one (op: attention op fwd+bwd at the "
+              "first shape, x SDPA, compiled where measured (ra-reference: eager); step: whole training step, "
+              "x baseline).", "",
+              "| rung | original | our backend | ours |", "|---|---|---|---|"]
+    for row in report["ladder"]:
+        lines.append(f"| {row['rung']} | {row['original']}x | {row['backend']} ({row['kind']}) | "
+                     f"{fmt(row['ours'], '.2f', 'x')} |")
+    lines += ["", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
+    for name, v in report["goals"].items():
+        verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "missed")
+        lines.append(f"| {name} | {fmt(v['value'], '.3f')} | {verdict} |")
+    if report["errors"]:
+        lines += ["", "## Failures", ""]
+        for e in report["errors"]:
+            lines.append(f"- {e['label']}: `{e['error'][:300]}`")
+    return lines
+
+
+def render_png(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    shapes = report["workload"]["op_shapes"]
+    labels = [label for label, _, _ in op_variants()]
+    width = 0.8 / max(len(shapes), 1)
+    for i, shape in enumerate(shapes):
+        vals = [best(find(report["op"], lab, shape[2]), "fwd_bwd_ratio") or 0 for lab in labels]
+        axes[0].bar([x + i * width for x in range(len(labels))], vals, width, label=f"B{shape[0]} T{shape[2]}")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_xticks([x + width * (len(shapes) - 1) / 2 for x in range(len(labels))])
+    axes[0].set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    axes[0].set_ylabel("attention op fwd+bwd (compiled), x SDPA")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    step = report["step"]["variants"] if report.get("step") else {}
+    names = [n for n, r in step.items() if r.get("ratio")]
+    axes[1].bar(names, [step[n]["ratio"] for n in names])
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].axhline(GOALS["step_unified"], color="r", lw=0.8, ls="--", label="goal 1.005x")
+    if names:
+        lo = min(step[n]["ratio"] for n in names)
+        axes[1].set_ylim(min(0.98, lo - 0.01), max(step[n]["ratio"] for n in names) + 0.02)
+    axes[1].set_ylabel("training step, x baseline")
+    axes[1].tick_params(axis="x", rotation=30)
+    axes[1].legend()
+    fig.suptitle(f"Attention backends on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+
+def merged_note(report) -> str:
+    """' Merged report: ...' when the sections come from more than one run (--sections), else ''."""
+    by_date = {}
+    for name, run in report.get("section_runs", {}).items():
+        by_date.setdefault((run["date"], run.get("run_elapsed_s")), []).append(name)
+    if len(by_date) < 2:
+        return ""
+    parts = [f"{', '.join(names)} from the run of {date} ({fmt(elapsed, '.0f')} s)"
+             for (date, elapsed), names in sorted(by_date.items(), key=lambda item: item[0][0], reverse=True)]
+    return " Merged report: " + "; ".join(parts) + "."
+
+
+def step_accum_lines(sa):
+    sw = sa["workload"]
+    tokens = sw["accum"] * sw["batch_size"] * sw["block_size"]
+    lines = ["## Whole optimizer step with gradient accumulation", "",
+             f"The trainer's own step (gpt2.step.TrainStep): GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} "
+             f"heads), T={sw['block_size']}, micro-batch {sw['batch_size']}, {sw['accum']} micro-batches per optimizer "
+             f"step ({tokens:,} tokens), compile {'on' if sw['compile'] else 'off'}, bf16 autocast, fused AdamW, grad "
+             "clip 1.0. ra-unified composes its QKV weight once per optimizer step (cached composition, as "
+             "single-process training does; under DDP it composes per micro-step). All variants built and warmed "
+             f"up first, then {sw['rounds']} interleaved rounds of {sw['steps_per_round']} optimizer steps; median "
+             "round.", "",
+             "| variant | ms/optimizer step | ms/micro-step | tokens/s | x baseline | cached composition | "
+             "warm-up (compile) s |", "|---|---|---|---|---|---|---|"]
+    for name, r in sa["variants"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            continue
+        ms = r.get("ms_per_step")
+        cached = {True: "yes", False: "no"}.get(r.get("cached_composition"), "n/a")
+        lines.append(f"| {name} | {fmt(ms, '.2f')} | {fmt(ms / sw['accum'] if ms else None, '.2f')} | "
+                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {cached} | "
+                     f"{fmt(r.get('warmup_s'), '.1f')} |")
+    return lines + [""]
+
+
+def write_report(report, stem, png):
+    atomic_write_json(stem.with_suffix(".json"), report)
+    atomic_write_text(stem.with_suffix(".md"), render_markdown(report))
+    if png:
+        try:
+            render_png(report, stem.with_suffix(".png"))
+        except Exception as exc:  # noqa: BLE001 - the plot is a convenience; the tables are the result
+            print(f"plot failed: {exc}")
+

@@ -1,0 +1,191 @@
+"""Sections step and step-accum: the whole training step of GPT-2 124M per backend, as a ratio to SDPA.
+
+step        one micro-batch per optimizer step (forward, backward, clip, fused AdamW): the per-micro-step cost
+step-accum  the trainer's own optimizer step (gpt2.step.TrainStep) with gradient accumulation: for
+            ra-unified the micro-steps run inside cached_composition, so the QKV weight is composed once per
+            optimizer step, as single-process training does
+All variants are built and warmed up (compiled) first, then timed in interleaved rounds; the median round
+counts (wall clock).
+"""
+
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lib.runs import atomic_write_text
+from lib.settings import OptimizerSettings
+
+from .common import NO_KV, STANDARD_MLP, attention_settings, autocast, model_settings
+
+# Whole-step variants, in the order they are compiled (the goal backends first, in case the budget runs out).
+# ra-reference is left out: its T x T tensors for 12 layers at batch 16 are slow by design.
+STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "ra-fold-full", "ra-fold-lowrank", "ra-unified+disc"]
+ACCUM_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop"]
+COMPILE_ESTIMATE_S = 75  # per variant; variants that would start compiling too late are skipped
+
+
+def build_training(variant, w, device, compile_model):
+    """(model, optimizer, forward, x, y): GPT-2 of the step workload, fused AdamW, one fixed batch."""
+    from gpt2.model import GPT
+    from gpt2.optim import build_optimizer
+
+    s = w["step"]
+    settings = model_settings(s["n_layer"], s["n_head"], s["n_embd"], s["block_size"])
+    model = GPT(settings, attention_settings(variant, w["rank"]), STANDARD_MLP, NO_KV, s["vocab_size"], seed=1)
+    model = model.to(device)
+    opt = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
+                            spam_reset_interval=0, spam_warmup=0)
+    optimizer = build_optimizer(model, opt, 6e-4, device.type)
+    forward = torch.compile(model) if compile_model else model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(s["vocab_size"], (s["batch_size"], s["block_size"] + 1), generator=g)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return model, optimizer, forward, x, y
+
+
+def build_step(variant, w, device, compile_model):
+    model, optimizer, forward, x, y = build_training(variant, w, device, compile_model)
+    x, y = x.to(device), y.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with autocast(device):
+            _, loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+class FixedBatches:
+    """A BatchSource stand-in that hands out the same CPU batch (the trainer's copy to the GPU still runs)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def next(self):
+        return self.x, self.y
+
+
+def build_accum_step(variant, w, device, compile_model, accum):
+    """The trainer's optimizer step: TrainStep with `accum` micro-batches, bf16 autocast, clip 1.0; it caches
+    ra-unified's composed QKV weight over the micro-steps (single process, accum > 1)."""
+    from gpt2.step import TrainStep, effective_precision
+
+    model, optimizer, forward, x, y = build_training(variant, w, device, compile_model)
+    train_step = TrainStep(forward, model, optimizer, device=device, precision=effective_precision(device, "bf16"),
+                           grad_accum=accum, grad_clip=1.0)
+    batches = FixedBatches(x, y)
+    step = lambda: train_step(batches)  # noqa: E731
+    step.cache_composition = train_step.cache_composition
+    return step
+
+
+def profile_step(step, variant, out_dir, steps=3):
+    """Kernel table (top 40 by device time) of a few steps -> <out_dir>/profile-<variant>.txt"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    path = Path(out_dir) / f"profile-{re.sub(r'[^a-z0-9]+', '-', variant)}.txt"
+    atomic_write_text(path, f"{variant}: {steps} steps\n{table}\n")
+
+
+def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
+    """Build and warm up (compile) every variant, then time them in interleaved rounds.
+    -> (results {variant: {warmup_s, rounds_ms} or {skipped}}, built {variant: step})"""
+    built, results = {}, {}
+    for variant in variants:
+        left = bench.budget_s - bench.elapsed_s()
+        if w["compile"] and left < COMPILE_ESTIMATE_S + 30:
+            results[variant] = {"skipped": f"time budget ({left:.0f} s left)"}
+            continue
+        print(f"{label}: build + compile {variant}", flush=True)
+
+        def prepare():
+            step = build(variant)
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            bench.sync()
+            return step, time.perf_counter() - t0
+
+        r = bench.attempt(f"{label} {variant}", prepare)
+        if r is not None:
+            built[variant] = r[0]
+            results[variant] = {"warmup_s": r[1], "rounds_ms": []}
+    for _ in range(rounds):
+        for variant, step in list(built.items()):
+            def timed():
+                bench.sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                bench.sync()
+                return 1000 * (time.perf_counter() - t0) / steps
+
+            ms = bench.attempt(f"{label} {variant} (timing)", timed)
+            if ms is None:
+                del built[variant]
+            else:
+                results[variant]["rounds_ms"].append(ms)
+    return results, built
+
+
+def summarize(results, tokens_per_step):
+    """Median round, tokens/s and the ratio to sdpa, per variant (in place)."""
+    base = statistics.median(results["sdpa"]["rounds_ms"]) if results.get("sdpa", {}).get("rounds_ms") else None
+    for r in results.values():
+        if r.get("rounds_ms"):
+            r["ms_per_step"] = statistics.median(r["rounds_ms"])
+            r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000)
+            r["ratio"] = r["ms_per_step"] / base if base else None
+
+
+def run_step_section(bench, w, variants, warmup=3, rounds=5, steps=10, profile_dir=None, profile_variants=()):
+    """One micro-batch per optimizer step, every variant."""
+    if bench.smoke:
+        warmup, rounds, steps = 1, 1, 1
+    s = w["step"]
+    results, built = build_and_time(bench, w, variants, lambda v: build_step(v, w, bench.device, w["compile"]),
+                                    "step", warmup, rounds, steps)
+    if profile_dir is not None:
+        for variant, step in built.items():
+            if variant not in profile_variants:
+                continue
+            bench.attempt(f"profile {variant}", lambda: profile_step(step, variant, profile_dir))
+    summarize(results, s["batch_size"] * s["block_size"])
+    built.clear()
+    return {"workload": {**s, "compile": w["compile"], "rank": w["rank"], "warmup": warmup, "rounds": rounds,
+                         "steps_per_round": steps}, "variants": results}
+
+
+def run_step_accum_section(bench, w, accum, variants=ACCUM_VARIANTS, warmup=2, rounds=5, steps=3):
+    """The trainer's whole optimizer step with `accum` micro-batches (cached composition for ra-unified)."""
+    if bench.smoke:
+        warmup, rounds, steps = 1, 1, 1
+    s = w["step"]
+    cached = {}
+
+    def build(variant):
+        step = build_accum_step(variant, w, bench.device, w["compile"], accum)
+        if variant.startswith("ra-unified"):  # the only backend with a composition to cache
+            cached[variant] = step.cache_composition
+        return step
+
+    results, built = build_and_time(bench, w, variants, build, "step-accum", warmup, rounds, steps)
+    summarize(results, accum * s["batch_size"] * s["block_size"])
+    for variant, r in results.items():
+        if variant in cached:
+            r["cached_composition"] = cached[variant]
+    built.clear()
+    return {"workload": {**s, "compile": w["compile"], "rank": w["rank"], "accum": accum, "warmup": warmup,
+                         "rounds": rounds, "steps_per_round": steps}, "variants": results}
