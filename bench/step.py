@@ -79,7 +79,7 @@ def build_accum_step(variant, w, device, compile_model, accum):
 
     model, optimizer, forward, x, y = build_training(variant, w, device, compile_model)
     train_step = TrainStep(forward, model, optimizer, device=device, precision=effective_precision(device, "bf16"),
-                           grad_accum=accum, grad_clip=1.0)
+                           grad_accum=accum, grad_clip=1.0, compiled=compile_model)
     batches = FixedBatches(x, y)
     step = lambda: train_step(batches)  # noqa: E731
     step.cache_composition = train_step.cache_composition

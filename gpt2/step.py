@@ -47,7 +47,8 @@ class TrainStep:
     """
 
     def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
-                 grad_clip: float, ddp: bool = False, cache_composition: bool | None = None):
+                 grad_clip: float, ddp: bool = False, cache_composition: bool | None = None,
+                 compiled: bool = False):
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
         if cache_composition is None:
@@ -55,6 +56,7 @@ class TrainStep:
         if cache_composition and ddp:
             raise ValueError("cached composition is single-process only (see TrainStep)")
         self.cache_composition = cache_composition
+        self.compiled = compiled  # compose through torch.compile too (the model itself is compiled)
         self.autocast = autocast_context(device, precision)
         fp16 = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -69,7 +71,7 @@ class TrainStep:
         return x, y
 
     def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
-        with cached_composition(self.raw_model) if self.cache_composition else nullcontext():
+        with cached_composition(self.raw_model, self.compiled) if self.cache_composition else nullcontext():
             loss_sum = self.accumulate(batches, inject_nan)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

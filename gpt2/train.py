@@ -128,7 +128,8 @@ class Run:
 
             model = DDP(model, device_ids=[dctx.local_rank] if self.device.type == "cuda" else None)
         self.step = TrainStep(model, self.raw_model, self.optimizer, device=self.device, precision=self.precision,
-                              grad_accum=self.micro_steps, grad_clip=train.grad_clip, ddp=dctx.enabled)
+                              grad_accum=self.micro_steps, grad_clip=train.grad_clip, ddp=dctx.enabled,
+                              compiled=s.general.compile)
 
         ckpt_path = self.run_dir / CHECKPOINT_NAME
         resume_iter = None

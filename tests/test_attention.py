@@ -281,7 +281,8 @@ def test_ra_model_with_zero_w_rec_equals_baseline_model():
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-def test_cached_composition_gives_the_same_gradients():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cached_composition_gives_the_same_gradients(compiled):
     torch.manual_seed(0)
     a = build("ra-unified", disc=True)
     randomize(a, seed=8)
@@ -290,7 +291,7 @@ def test_cached_composition_gives_the_same_gradients():
     xs = [torch.randn(B, T, C) for _ in range(2)]
     for x in xs:
         a(x).square().mean().backward()
-    with cached_composition(torch.nn.Sequential(b)):
+    with cached_composition(torch.nn.Sequential(b), compiled=compiled):
         for x in xs:
             b(x).square().mean().backward()
     assert b._cached is None

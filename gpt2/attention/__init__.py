@@ -12,7 +12,9 @@ attention call, routing, discoverability fold), ../kv_pruning.py.
 """
 
 import contextlib
+import functools
 
+import torch
 import torch.nn as nn
 
 from lib.settings import AttentionSettings, KVPruningSettings, ModelSettings
@@ -84,8 +86,20 @@ class RoutingMonitor:
         return lines
 
 
+def _compose_every_layer(modules):
+    return [m.composed_qkv() for m in modules]
+
+
+# One compiled function composes every layer's QKV weight: a handful of fused kernels forward and
+# backward instead of ~15 small eager kernels per layer (the launches alone cost more than the
+# arithmetic, and would be paid on the host once per optimizer step).
+@functools.cache
+def _compose_every_layer_compiled():
+    return torch.compile(_compose_every_layer, dynamic=False)
+
+
 @contextlib.contextmanager
-def cached_composition(model: nn.Module):
+def cached_composition(model: nn.Module, compiled: bool = False):
     """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
 
         with cached_composition(model):
@@ -94,14 +108,24 @@ def cached_composition(model: nn.Module):
         optimizer.step()
 
     The composed weights are leaves during the block; on exit their accumulated gradient goes back
-    through the composition once. Single-process only: under DDP the composition's gradient would land
-    after the gradient all-reduce.
+    through the composition once, for all layers in one backward call. `compiled` composes through
+    torch.compile (use it when the model itself is compiled). Single-process only: under DDP the
+    composition's gradient would land after the gradient all-reduce.
     """
     modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
-    for m in modules:
-        m.begin_cached_composition()
+    if not modules:
+        yield
+        return
+    compose = _compose_every_layer_compiled() if compiled else _compose_every_layer
+    for m, composed in zip(modules, compose(modules)):
+        m.hold_composition(composed)
     try:
         yield
     finally:
+        outputs, grads = [], []
         for m in modules:
-            m.end_cached_composition()
+            for full, grad in m.release_composition():
+                outputs.append(full)
+                grads.append(grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)

@@ -73,18 +73,14 @@ class RAUnifiedAttention(RASameFlopAttention):
         return self.attend(q, k, v)
 
     # --- optional: compose once per optimizer step ---------------------------------------------
-    def begin_cached_composition(self):
-        """Compose now and reuse the result (as leaves that accumulate gradient) until end_...()."""
-        self._graph = self.composed_qkv()
-        self._cached = tuple(None if t is None else t.detach().requires_grad_() for t in self._graph)
+    def hold_composition(self, composed):
+        """Use `composed` (W~, b~), as gradient-accumulating leaves, until release_composition()."""
+        self._graph = composed
+        self._cached = tuple(None if t is None else t.detach().requires_grad_() for t in composed)
 
-    def end_cached_composition(self):
-        """Back-propagate the accumulated gradient of the cached weights through the composition once."""
-        outs, grads = [], []
-        for full, leaf in zip(self._graph, self._cached):
-            if leaf is not None and leaf.grad is not None:
-                outs.append(full)
-                grads.append(leaf.grad)
+    def release_composition(self):
+        """[(composed tensor, its accumulated gradient)] to back-propagate through the composition."""
+        pairs = [(full, leaf.grad) for full, leaf in zip(self._graph, self._cached)
+                 if leaf is not None and leaf.grad is not None]
         self._cached, self._graph = None, None
-        if outs:
-            torch.autograd.backward(outs, grads)
+        return pairs
