@@ -66,6 +66,13 @@ def signature_differences(saved: dict, current: dict) -> list:
     return out
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator whose state capture_rng_state() saves."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),

@@ -10,24 +10,19 @@ from the measured step time so the time budget is checked about when it runs out
 measured between sync points, so it is exact device time; under DDP every rank agrees on it (max over
 ranks) and so takes the same stop decision and the same learning rate.
 
-Interruption (gpt2/train_signals.py). SIGTERM or SIGINT during training stops the run after the current
-optimizer step, at the sync point that follows: under DDP the ranks agree on the signal in the same
-all-reduce as the elapsed time, so they all stop at the same step (at the latest CONFIG_TRAIN_LOG_INTERVAL
-steps later). The run then writes its checkpoint, metrics.json with status "interrupted" and stop_reason
-"signal", and exits with 128 + the signal number; `--resume` continues with the budget that is left.
+Interruption (gpt2/train_signals.py): SIGTERM/SIGINT stop the run after the current step; all DDP ranks
+agree on it at a sync point; the run checkpoints and ends "interrupted" with exit code 128 + signal.
 """
 
 import argparse
 import math
 import os
-import random
 import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gpt2 import checkpoint as ckpt
@@ -43,19 +38,13 @@ from gpt2.train_log import budget_bar, close_logging, header_lines, log, setup_l
 from gpt2.train_signals import Interrupted, StopSignals, exit_code, signal_name
 from lib.runs import CHECKPOINT_NAME, RunDirError, prepare_run_dir, write_env_json
 
-# Importable from here as before (scripts/bench_train.py, lib/matrix_run.py, tests).
+# Importable from here (scripts/bench_train.py, lib/matrix_process.py, tests).
 __all__ = ["Budget", "Progress", "Run", "TrainStep", "TrainingFailed", "autocast_context", "effective_precision",
            "evaluate", "main", "run", "sync", "warmup_step_count"]
 
 
 class TrainingFailed(RuntimeError):
     """The run cannot go on (non-finite loss, ...); the message becomes metrics.json's failure_reason."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 class Run:
@@ -99,7 +88,7 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        seed_everything(s.general.seed + dctx.rank)
+        ckpt.seed_everything(s.general.seed + dctx.rank)
 
         from gpt2 import data  # the data layer pulls in tokenizers; imported when a run starts
 
