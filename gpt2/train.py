@@ -389,9 +389,10 @@ def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
                          f"--resume continues with the budget that is left")
             else:
                 gap = r.unigram - r.p.last_val_loss
+                verdict = f"{gap:.4f} nats better than" if gap > 0 else f"{-gap:.4f} nats WORSE than"
                 log.info(f"final val loss {r.p.last_val_loss:.4f} (ppl {perplexity(r.p.last_val_loss):.2f}) vs "
-                         f"unigram entropy of the val tokens {r.unigram:.4f} nats: {gap:+.4f} nats better than a "
-                         f"unigram model")
+                         f"unigram entropy of the val tokens {r.unigram:.4f} nats: {verdict} a unigram model "
+                         f"(one that knows only token frequencies)")
         return exit_code(signum) if r.status == "interrupted" else 0
     except (Interrupted, KeyboardInterrupt) as exc:  # before the loop: nothing to checkpoint
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
