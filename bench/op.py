@@ -83,7 +83,7 @@ def run_op_section(bench, w, name):
             row = rows.setdefault((label, tuple(shape)), {"label": label, "shape": list(shape)})
             for mode, fn in fns.items():
                 print(f"{name} {label} {shape} {mode}", flush=True)
-                r = bench.attempt(f"{name} {label} {shape} {mode}", lambda: measure(bench, module, fn, shape))
+                r = bench.attempt(f"{name} {label} {shape} {mode}", lambda m=module, f=fn, s=shape: measure(bench, m, f, s))
                 for part, value in (r or {}).items():
                     row[f"{mode}_{part}_ms"] = value
         del module, fns

@@ -249,7 +249,7 @@ def run_markdown(run_dir, record, preset, gates, plots) -> str:
     lines = [f"# Run report: {run_dir.name}", "",
              f"- **Status**: {record.status}" + (f" — {record.failure_reason}" if record.failure_reason else ""),
              f"- **Preset**: {preset or 'custom'}; config snapshot `{CONFIG_NAME}`",
-             f"- **Model**: " + (f"{s.model.n_layer} layers × {s.model.n_head} heads × {s.model.n_embd}, block "
+             "- **Model**: " + (f"{s.model.n_layer} layers × {s.model.n_head} heads × {s.model.n_embd}, block "
                                  f"{s.model.block_size}; attention {s.attention.backend}; MLP {s.mlp.kind}; seed "
                                  f"{s.general.seed}" if s else "unknown"),
              *_provenance_lines([record]),
