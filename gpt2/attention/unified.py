@@ -16,7 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .compose_kernel import compose_qkv_fused
 from .same_flop import RASameFlopAttention
+from .triton_support import triton_runs_on
 
 
 class RAUnifiedAttention(RASameFlopAttention):
@@ -28,7 +30,20 @@ class RAUnifiedAttention(RASameFlopAttention):
         self._graph = None  # the composed (weight, bias) those leaves were detached from
 
     def composed_qkv(self):
-        """(W~ (3C, C), b~ (3C,) or None) as described in the module doc."""
+        """(W~ (3C, C), b~ (3C,) or None) as described in the module doc, in the dtype the GEMM will use
+        (autocast's, when it is on). On CUDA two Triton kernels (compose_kernel.py) do the work; elsewhere
+        the plain torch code below, which computes the same thing."""
+        W = self.c_attn.weight
+        dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
+        if self.use_kernels and triton_runs_on(W) and W.dtype != torch.float64:  # the kernels compute in float32
+            return compose_qkv_fused(W, self.c_attn.bias, self.P, self.w_std(), self.rec_gate(),
+                                     self.u if self.discoverability else None,
+                                     self.w_disc() if self.discoverability else None, self.std_dim, dtype)
+        weight, bias = self.composed_qkv_plain()
+        return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+    def composed_qkv_plain(self):
+        """The composition in plain torch ops (CPU, and the check of the kernels)."""
         H, D, Ds, C = self.n_head, self.head_dim, self.std_dim, self.n_embd
         W = self.c_attn.weight
         W_qk = W[: 2 * C].view(2, H, D, C)

@@ -1,0 +1,97 @@
+"""ra-unified's Triton composition kernels against the plain torch composition: forward, every gradient,
+autocast's output dtype, and the path the module takes. Runs on CUDA, or on CPU under TRITON_INTERPRET=1;
+elsewhere (CI's CPU-only torch has no triton) it skips: test_attention.py checks the plain path."""
+
+import pytest
+import torch
+
+from gpt2.attention import build_attention
+from gpt2.attention.compose_kernel import compose_qkv_fused
+from gpt2.attention.triton_support import HAVE_TRITON, INTERPRET, why_not_triton
+from test_attention_helpers import attn_settings, kv_settings, model_settings, randomize, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not HAVE_TRITON or (DEVICE == "cpu" and not INTERPRET), reason=why_not_triton())
+
+
+def unified(n_embd, n_head, rank, bias, disc, gate="per-head", w_rec=0.5):
+    model = model_settings(n_embd=n_embd, n_head=n_head, bias=bias)
+    attn = attn_settings("ra-unified", rank=rank, gate=gate, w_rec=w_rec, disc=disc)
+    m = build_attention(model, attn, kv_settings(), 0)
+    randomize(m, seed=5)
+    return m.to(DEVICE)
+
+
+def fused(m, dtype=torch.float32):
+    return compose_qkv_fused(m.c_attn.weight, m.c_attn.bias, m.P, m.w_std(), m.rec_gate(),
+                             m.u if m.discoverability else None, m.w_disc() if m.discoverability else None,
+                             m.std_dim, dtype)
+
+
+def composed_and_grads(m, compose, g_w, g_b):
+    m.zero_grad(set_to_none=True)
+    weight, bias = compose(m)
+    loss = (weight.float() * g_w).sum() + (0 if bias is None else (bias.float() * g_b).sum())
+    loss.backward()
+    return weight, bias, {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("disc", [False, True])
+@pytest.mark.parametrize("shape", [(64, 4, 4), (48, 2, 3), (96, 3, 8)])  # C, H, R: head dims 16, 24, 32
+def test_kernels_equal_plain_composition(bias, disc, shape):
+    C, H, R = shape
+    m = unified(C, H, R, bias, disc)
+    g_w = torch.randn(3 * C, C, device=DEVICE)
+    g_b = torch.randn(3 * C, device=DEVICE)
+    w0, b0, grads0 = composed_and_grads(m, lambda mod: mod.composed_qkv_plain(), g_w, g_b)
+    w1, b1, grads1 = composed_and_grads(m, fused, g_w, g_b)
+    assert rel_err(w1, w0) < 1e-6
+    assert (b0 is None) == (b1 is None) == (not bias and not disc)
+    if b0 is not None:
+        assert rel_err(b1, b0) < 1e-6
+    assert grads0.keys() == grads1.keys()
+    for name, g0 in grads0.items():
+        g1 = grads1[name]
+        if g0 is None:
+            assert g1 is None or g1.abs().max() == 0, name
+            continue
+        assert g1 is not None, f"{name} got no gradient from the kernels"
+        err = rel_err(g1, g0) if g0.norm() > 0 else g1.abs().max().item()
+        assert err < 1e-5, f"grad of {name}: rel err {err:.2e}"
+
+
+def test_per_layer_gates():
+    m = unified(64, 4, 4, True, True, gate="per-layer")
+    with torch.no_grad():
+        w0, b0 = m.composed_qkv_plain()
+        w1, b1 = fused(m)
+    assert rel_err(w1, w0) < 1e-6 and rel_err(b1, b0) < 1e-6
+
+
+def test_module_uses_the_kernels_in_the_autocast_dtype():
+    """Under autocast the kernel writes the composed weight in bf16 itself (no separate cast)."""
+    m = unified(64, 4, 4, True, False)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        weight, bias = m.composed_qkv()
+    assert weight.dtype == bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        w_plain, _ = m.composed_qkv_plain()
+    assert rel_err(weight.float(), w_plain) < 1e-2  # bf16 rounding only
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="tracing a triton_op needs compiled Triton kernels (CUDA); "
+                                            "the interpreter's cannot be traced")
+def test_compiled_module_calls_the_kernels_as_one_op():
+    """torch.compile traces the module and the kernels' triton_ops (forward and backward) without graph breaks."""
+    m = unified(64, 4, 4, True, True)
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    g = torch.randn(2, 5, 64, device=DEVICE)
+    m(x).backward(g)
+    eager = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    compiled(x).backward(g)
+    for n, p in m.named_parameters():
+        assert rel_err(p.grad, eager[n]) < 1e-5, n
