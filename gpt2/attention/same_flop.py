@@ -6,20 +6,26 @@ P^T k and P^T q use the full D-dim key/query; the standard term keeps only the f
 (the remaining query/key dims are unused). Fold, built from activations:
     q~_i = [w_std q_i[:D_std] , w_rec P^T k_i (, sqrt(D) w_disc)]
     k~_j = [k_j[:D_std]       , P^T q_j       (, d_j          )]
-one SDPA call at head dim D, scale 1/sqrt(D). With w_rec = 0 this is NOT the baseline (the standard
+one SDPA call at head dim D, scale 1/sqrt(D). On CUDA the fold is one Triton kernel each way
+(same_flop_kernel.py); the torch code below is the CPU path and computes the same thing. With w_rec = 0 this is NOT the baseline (the standard
 term has only D_std dims). Head-selective routing sets w_rec = 0 on routed-off heads (same head dim,
 so there is nothing to save by packing).
 """
+
+import torch
 
 from lib.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .common import RAAttentionBase
 from .fold_lowrank import LowRankMixin, check_rank
 from .gates import fold_cat
+from .same_flop_kernel import fold_same_flop
+from .triton_support import triton_runs_on
 
 
 class RASameFlopAttention(LowRankMixin, RAAttentionBase):
     BACKEND = "ra-same-flop"
+    use_kernels = True  # the Triton kernels where they can run (benchmarks switch them off to compare)
 
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__(model, attn, kv, layer_idx)
@@ -33,6 +39,11 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
         self.reset_projection()
 
     def attention_heads(self, q, k, v):
+        if self.use_kernels and triton_runs_on(q) and q.dtype != torch.float64:
+            disc = self.discoverability
+            q_t, k_t = fold_same_flop(q, k, self.P, self.w_std(), self.rec_gate(), self.std_dim,
+                                      self.u if disc else None, self.w_disc() if disc else None)
+            return self.attend(q_t, k_t, v)
         H, Ds = self.n_head, self.std_dim
         w_std = self.w_std().to(q.dtype).view(1, H, 1, 1)
         w_rec = self.rec_gate().to(q.dtype).view(1, H, 1, 1)
