@@ -28,7 +28,8 @@ def model_settings(n_layer, n_head, n_embd, block_size):
 
 
 def attention_settings(variant, rank, threshold=0.0):
-    backend, _, extra = variant.partition("+")
+    """variant: backend, backend+disc, or either + "+plain" (the torch code instead of the Triton kernels)."""
+    backend, _, extra = variant.replace("+plain", "").partition("+")
     return AttentionSettings(backend=backend, reciprocal_rank=rank, gate_granularity="per-head", w_std_init=1.0,
                              w_rec_init=0.5, head_select_threshold=threshold, w_rec_l1=0.0,
                              discoverability=extra == "disc", self_restart=False)
@@ -47,6 +48,15 @@ def workload(smoke: bool) -> dict:
     return dict(op_shapes=[(8, 12, 1024, 64), (2, 12, 4096, 64)], rank=RANK,
                 step=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50257),
                 compile=True, gate_shape=(16, 1024, 12, 64), kv_lengths=[1024, 4096, 16384, 65536, 131072])
+
+
+def apply_variant_flags(model, variant):
+    """"+plain" variants switch the Triton kernels off, so both paths are measured side by side."""
+    if variant.endswith("+plain"):
+        for m in model.modules():
+            if hasattr(m, "use_kernels"):
+                m.use_kernels = False
+    return model
 
 
 # ---- timing -----------------------------------------------------------------------------------

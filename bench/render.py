@@ -65,7 +65,9 @@ def render_markdown(report) -> str:
                   f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
                   f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
                   f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
-                  f"{sw['steps_per_round']} steps; median round.", "",
+                  f"{sw['steps_per_round']} steps; median round. ra-unified and ra-same-flop run their Triton "
+                  "kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain variant is "
+                  "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
                   "| variant | ms/step | tokens/s | x baseline | warm-up (compile) s |", "|---|---|---|---|---|"]
         for name, r in report["step"]["variants"].items():
             if "skipped" in r:

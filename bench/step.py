@@ -18,11 +18,12 @@ import torch
 from lib.runs import atomic_write_text
 from lib.settings import OptimizerSettings
 
-from .common import NO_KV, STANDARD_MLP, attention_settings, autocast, model_settings
+from .common import NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings, autocast, model_settings
 
 # Whole-step variants, in the order they are compiled (the goal backends first, in case the budget runs out).
 # ra-reference is left out: its T x T tensors for 12 layers at batch 16 are slow by design.
-STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "ra-fold-full", "ra-fold-lowrank", "ra-unified+disc"]
+STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "ra-unified+plain", "ra-same-flop+plain", "ra-fold-full",
+                 "ra-fold-lowrank", "ra-unified+disc"]
 ACCUM_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop"]
 COMPILE_ESTIMATE_S = 75  # per variant; variants that would start compiling too late are skipped
 
@@ -35,7 +36,7 @@ def build_training(variant, w, device, compile_model):
     s = w["step"]
     settings = model_settings(s["n_layer"], s["n_head"], s["n_embd"], s["block_size"])
     model = GPT(settings, attention_settings(variant, w["rank"]), STANDARD_MLP, NO_KV, s["vocab_size"], seed=1)
-    model = model.to(device)
+    model = apply_variant_flags(model.to(device), variant)
     opt = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
                             spam_reset_interval=0, spam_warmup=0)
     optimizer = build_optimizer(model, opt, 6e-4, device.type)
