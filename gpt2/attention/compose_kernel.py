@@ -31,6 +31,7 @@ from torch.library import triton_op, wrap_triton
 from .triton_support import HAVE_TRITON, tl, triton
 
 BLOCK_C = 32
+NUM_WARPS = 4
 
 
 def _block_d(D: int) -> int:
@@ -173,7 +174,7 @@ def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, w_std
         weight, bias, P.contiguous(), w_std.contiguous(), w_rec.contiguous(), u.contiguous(),
         w_disc.contiguous(), out, out_b, C, std_dim, math.sqrt(D), D=D, R=R,
         HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D),
-        BLOCK_R=triton.next_power_of_2(R), BLOCK_C=BLOCK_C)
+        BLOCK_R=triton.next_power_of_2(R), BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     return out, out_b
 
 
@@ -194,7 +195,8 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
     wrap_triton(_compose_bwd)[grid](
         grad.contiguous(), grad_bias.contiguous(), weight, bias, P.contiguous(), w_std.contiguous(),
         w_rec.contiguous(), u.contiguous(), dW, db, parts, C, std_dim, grid[1], D=D, R=R,
-        HAS_BIAS=has_bias, OUT_BIAS=grad_bias.numel() > 0, DISC=disc, BLOCK_D=_block_d(D), BLOCK_C=BLOCK_C)
+        HAS_BIAS=has_bias, OUT_BIAS=grad_bias.numel() > 0, DISC=disc, BLOCK_D=_block_d(D), BLOCK_C=BLOCK_C,
+        num_warps=NUM_WARPS)
     return dW, db, parts.sum(1)
 
 
