@@ -9,7 +9,7 @@ DEFAULT_PRESET := cpu-default
 
 .DEFAULT_GOAL := run
 .PHONY: run train resume data matrix check continue report steps menuconfig savedefconfig \
-        olddefconfig listnewconfig showconfig bench-train bench-attention test help venv clean-venv
+        olddefconfig listnewconfig showconfig bench-train bench-attention test test-kernels help venv clean-venv
 
 run: .config | $(STAMP) ## train, or run the test matrix when the config is a matrix
 	$(PY) scripts/run.py --config .config
@@ -68,6 +68,14 @@ bench-attention: | $(STAMP) ## GPU: every attention backend vs SDPA -> results/b
 
 test: | $(STAMP) ## run the test suite (CPU)
 	$(PY) -m pytest -q tests
+
+# Triton is not in the CPU venv; the kernel tests get it in a directory of their own and run its interpreter.
+TRITON_DIR := .triton
+$(TRITON_DIR)/.installed: | $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(TRITON_DIR) triton==3.9.0 && touch $@
+
+test-kernels: $(TRITON_DIR)/.installed ## the Triton kernels (and the RA backends through them) on CPU, interpreted
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_compose_kernel.py tests/test_same_flop_kernel.py tests/test_attention.py
 
 help: | $(STAMP) ## this list, the presets and the environment overrides
 	@$(PY) scripts/config.py help

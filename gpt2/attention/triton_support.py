@@ -25,7 +25,10 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can take tensors on t's device."""
     if not HAVE_TRITON:
         return False
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    if t.is_cuda:
+        return True
+    # Interpreted kernels cannot be traced by torch.compile; compiled CPU code keeps the torch path.
+    return INTERPRET and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def why_not_triton() -> str:
