@@ -7,9 +7,9 @@ P^T k and P^T q use the full D-dim key/query; the standard term keeps only the f
     q~_i = [w_std q_i[:D_std] , w_rec P^T k_i (, sqrt(D) w_disc)]
     k~_j = [k_j[:D_std]       , P^T q_j       (, d_j          )]
 one SDPA call at head dim D, scale 1/sqrt(D). On CUDA the fold is one Triton kernel each way
-(same_flop_kernel.py); the torch code below is the CPU path and computes the same thing. With w_rec = 0 this is NOT the baseline (the standard
-term has only D_std dims). Head-selective routing sets w_rec = 0 on routed-off heads (same head dim,
-so there is nothing to save by packing).
+(same_flop_kernel.py); the torch code below is the CPU path and computes the same thing. With w_rec = 0
+this is NOT the baseline (the standard term has only D_std dims). Head-selective routing sets w_rec = 0
+on routed-off heads (same head dim, so there is nothing to save by packing).
 """
 
 import torch
@@ -38,11 +38,20 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
         super().reset_extra_parameters()
         self.reset_projection()
 
+    def kernels_take(self, t: torch.Tensor) -> bool:
+        """Whether this module's Triton kernels run for t (they compute in float32: float64 stays on torch)."""
+        return self.use_kernels and triton_runs_on(t) and t.dtype != torch.float64
+
+    def kernel_parameters(self):
+        """(P, w_std, w_rec, u, w_disc) as the kernels take them; u, w_disc are None without discoverability."""
+        disc = self.discoverability
+        return (self.P, self.w_std(), self.rec_gate(), self.u if disc else None,
+                self.w_disc() if disc else None)
+
     def attention_heads(self, q, k, v):
-        if self.use_kernels and triton_runs_on(q) and q.dtype != torch.float64:
-            disc = self.discoverability
-            q_t, k_t = fold_same_flop(q, k, self.P, self.w_std(), self.rec_gate(), self.std_dim,
-                                      self.u if disc else None, self.w_disc() if disc else None)
+        if self.kernels_take(q):
+            P, w_std, w_rec, u, w_disc = self.kernel_parameters()
+            q_t, k_t = fold_same_flop(q, k, P, w_std, w_rec, self.std_dim, u, w_disc)
             return self.attend(q_t, k_t, v)
         H, Ds = self.n_head, self.std_dim
         w_std = self.w_std().to(q.dtype).view(1, H, 1, 1)

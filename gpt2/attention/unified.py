@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .compose_kernel import compose_qkv_fused
 from .same_flop import RASameFlopAttention
-from .triton_support import triton_runs_on
 
 
 class RAUnifiedAttention(RASameFlopAttention):
@@ -35,10 +34,9 @@ class RAUnifiedAttention(RASameFlopAttention):
         the plain torch code below, which computes the same thing."""
         W = self.c_attn.weight
         dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
-        if self.use_kernels and triton_runs_on(W) and W.dtype != torch.float64:  # the kernels compute in float32
-            return compose_qkv_fused(W, self.c_attn.bias, self.P, self.w_std(), self.rec_gate(),
-                                     self.u if self.discoverability else None,
-                                     self.w_disc() if self.discoverability else None, self.std_dim, dtype)
+        if self.kernels_take(W):
+            P, w_std, w_rec, u, w_disc = self.kernel_parameters()
+            return compose_qkv_fused(W, self.c_attn.bias, P, w_std, w_rec, u, w_disc, self.std_dim, dtype)
         weight, bias = self.composed_qkv_plain()
         return weight.to(dtype), (None if bias is None else bias.to(dtype))
 
