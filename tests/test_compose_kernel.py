@@ -23,9 +23,8 @@ def unified(n_embd, n_head, rank, bias, disc, gate="per-head", w_rec=0.5):
 
 
 def fused(m, dtype=torch.float32):
-    return compose_qkv_fused(m.c_attn.weight, m.c_attn.bias, m.P, m.w_std(), m.rec_gate(),
-                             m.u if m.discoverability else None, m.w_disc() if m.discoverability else None,
-                             m.std_dim, dtype)
+    return compose_qkv_fused(m.c_attn.weight, m.c_attn.bias, m.P, *m.gate_roots(), m.std_dim,
+                             m.head_select_threshold, dtype)
 
 
 def composed_and_grads(m, compose, g_w, g_b):
@@ -61,12 +60,25 @@ def test_kernels_equal_plain_composition(bias, disc, shape):
         assert err < 1e-5, f"grad of {name}: rel err {err:.2e}"
 
 
-def test_per_layer_gates():
-    m = unified(64, 4, 4, True, True, gate="per-layer")
+@pytest.mark.parametrize("gate", ["per-head", "per-layer"])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_gate_granularity_and_routing(gate, threshold):
+    """The kernels square the gates' roots themselves: per-layer roots, and w_rec cut to 0 below the
+    head-selectivity threshold, give the plain composition's weights and gradients."""
+    m = unified(64, 4, 4, True, True, gate=gate)
     with torch.no_grad():
-        w0, b0 = m.composed_qkv_plain()
-        w1, b1 = fused(m)
+        m.w_rec.sqrt_weight.copy_(torch.tensor([0.3, 0.7, 0.5, 0.9])[: m.w_rec.sqrt_weight.numel()])
+    m.head_select_threshold = threshold  # heads with w_rec = 0.09 (and 0.25) fall below 0.3
+    g_w, g_b = torch.randn(3 * 64, 64, device=DEVICE), torch.randn(3 * 64, device=DEVICE)
+    w0, b0, grads0 = composed_and_grads(m, lambda mod: mod.composed_qkv_plain(), g_w, g_b)
+    w1, b1, grads1 = composed_and_grads(m, fused, g_w, g_b)
     assert rel_err(w1, w0) < 1e-6 and rel_err(b1, b0) < 1e-6
+    for name, g0 in grads0.items():
+        if g0 is not None:
+            err = rel_err(grads1[name], g0) if g0.norm() > 0 else grads1[name].abs().max().item()
+            assert err < 1e-5, f"grad of {name}: rel err {err:.2e}"
+    if threshold and gate == "per-head":
+        assert grads1["w_rec.sqrt_weight"][0] == 0 and grads1["w_rec.sqrt_weight"][1] != 0
 
 
 def test_module_uses_the_kernels_in_the_autocast_dtype():
@@ -95,3 +107,20 @@ def test_compiled_module_calls_the_kernels_as_one_op():
     compiled(x).backward(g)
     for n, p in m.named_parameters():
         assert rel_err(p.grad, eager[n]) < 1e-5, n
+
+
+def test_backward_reads_a_transposed_gradient_in_place():
+    """The GEMM's weight gradient may arrive as a transposed view: the backward takes its strides."""
+    from gpt2.attention.compose_kernel import compose_qkv_backward
+
+    m = unified(64, 4, 4, True, True)
+    s_std, s_rec, u, s_disc = m.gate_roots()
+    grad_t = torch.randn(64, 3 * 64, device=DEVICE)
+    gb = torch.randn(3 * 64, device=DEVICE)
+    args = (m.c_attn.weight.detach(), m.c_attn.bias.detach(), m.P.detach(), s_std.detach(), s_rec.detach(),
+            u.detach(), s_disc.detach(), m.std_dim, 0.0)
+    strided = compose_qkv_backward(grad_t.t(), gb, *args)
+    dense = compose_qkv_backward(grad_t.t().contiguous(), gb, *args)
+    assert not grad_t.t().is_contiguous()
+    for a, b in zip(strided, dense):  # the compiler may order the sums differently for another layout
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

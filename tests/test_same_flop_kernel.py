@@ -14,8 +14,10 @@ from gpt2.attention.triton_support import triton_runs_on, why_not_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_runs_on(torch.empty(0, device=DEVICE)), reason=why_not_triton())
 B, H = 2, 3
-# (D, T, R): D = 24 is not a power of two, so the padded head-dim lanes of the kernel are exercised.
-SHAPES = [(16, 5, 1), (16, 33, 4), (16, 17, 8), (32, 33, 1), (32, 20, 4), (32, 9, 8), (24, 21, 4)]
+# (D, T, R): D = 24, 48 are not powers of two, so the padded head-dim lanes of the kernel are exercised;
+# R = 16 fills BLOCK_R exactly (R + 1 with disc crosses 16), R = 17 pads P to 32 columns.
+SHAPES = [(16, 5, 1), (16, 33, 4), (16, 17, 8), (32, 33, 1), (32, 20, 4), (32, 9, 8), (32, 33, 8), (24, 21, 4),
+          (64, 33, 8), (32, 20, 16), (48, 17, 17)]
 
 
 @pytest.fixture(autouse=True)

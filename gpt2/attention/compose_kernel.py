@@ -12,15 +12,20 @@ where std keeps rows < Ds. Backward, with G the gradient of the composed [Q~; K~
     dW_v = G_v
     dw_std = sum(std * G_q * W_q),  dw_rec = sum(A * (W_k G_q^T)),  dP = cols of (W_q G_k^T + w_rec W_k G_q^T),
     du = W_k (e^T G_k)^T,  dw_disc = sqrt(D) * (bias gradient of row e of Q~)
-Each program owns one head and one block of columns: it reads the head's q, k, v rows once and writes
-the composed rows once (in the GEMM's dtype, so the bf16 cast that autocast would add is fused in). The
-backward's reductions over columns are written as per-program partial sums (no atomics: deterministic)
-and summed by one torch reduction. A is never built: A^T W is accumulated as outer products of P's rows
-with W's rows, and the backward reads the R gradient rows it needs straight from memory; neither needs a
-reduction across threads (a first version with D x D tl.dot spent ~0.5 ms per call on an H100, one with
-row reductions ~20 us).
+Every gate is stored as its square root s (w = s^2, gates.py); the kernels square it themselves and
+the backward returns dL/ds, so no small gate kernels run around them.
+
+Forward: each program owns one head and one block of columns, reads the head's q, k, v rows once and
+writes the composed rows once, in the GEMM's dtype (the bf16 cast autocast would add is fused in). A is
+never built: P^T W is one small dot with P^T zero-padded to 16 rows (tl.dot's minimum).
+Backward: programs of two kinds in one launch. One reducer per head loops over all columns and writes
+the parameter gradients (dP, du and the gate roots') finished: no partial sums, no atomics, so the
+result is deterministic and no reduction kernel follows. The other programs write dW block by block;
+they never read W, so they move what autocast's gradient cast moves in the baseline, plus the R
+reciprocal gradient rows. Each kernel replaces one cast kernel of the baseline step.
 Registered with torch.library.triton_op: torch.compile sees the kernels and launches them from its own
 generated code (a Python custom op costs ~0.3 ms of host time per call, which showed in the step time).
+Launch settings measured on an H100 with 12 layers' weights in turn (cold L2): results/bench/attention-notes.md.
 """
 
 import math
@@ -30,207 +35,252 @@ from torch.library import triton_op, wrap_triton
 
 from .triton_support import HAVE_TRITON, tl, triton
 
-BLOCK_C = 32
-NUM_WARPS = 4
+FWD_BLOCK_C, FWD_WARPS = 32, 4
+BWD_BLOCK_C, BWD_WARPS = 32, 4
+REDUCE_BLOCK_C = 64  # columns per step of the backward's per-head reducer loop
+REDUCE_PRECISION = "tf32x3"  # its dots: three tf32 products, float32's accuracy on the tensor cores
 
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def _block_r(R: int, disc: bool) -> int:
+    """Rows of the small P^T / gradient tiles: R (+1 for u) padded to what tl.dot accepts."""
+    return max(16, triton.next_power_of_2(R + int(disc)))
+
+
 if HAVE_TRITON:
     @triton.jit
-    def _load_rows(W_ptr, b_ptr, row0, d, cols, C, D, HAS_BIAS: tl.constexpr):
-        """Rows row0 + d of [W | b] at columns `cols` (column C is the bias), fp32, zero outside."""
-        dm = d < D
-        w = tl.load(W_ptr + (row0 + d)[:, None] * C + cols[None, :], mask=dm[:, None] & (cols < C)[None, :],
-                    other=0.0).to(tl.float32)
+    def _load_rows(ptr, b_ptr, rows, row_ok, cols, C, s_row, s_col, HAS_BIAS: tl.constexpr):
+        """Rows `rows` (where row_ok) of [W | b] at columns `cols` (column C is the bias), fp32, else 0."""
+        w = tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+                    mask=row_ok[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
-            b = tl.load(b_ptr + row0 + d, mask=dm, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             w = tl.where((cols == C)[None, :], b[:, None], w)
         return w
 
     @triton.jit
-    def _load_row(W_ptr, b_ptr, row, cols, C, HAS_BIAS: tl.constexpr):
-        """Row `row` of [W | b] at columns `cols`, fp32 (BLOCK_C,)."""
-        w = tl.load(W_ptr + row * C + cols, mask=cols < C, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            w = tl.where(cols == C, tl.load(b_ptr + row).to(tl.float32), w)
-        return w
-
-    @triton.jit
-    def _store_rows(W_ptr, b_ptr, row0, d, n_rows, cols, C, val, STORE_BIAS: tl.constexpr):
-        """Store val (len(d), BLOCK_C) into rows row0 + d (d < n_rows) of [W | b]."""
-        dm = d < n_rows
-        tl.store(W_ptr + (row0 + d)[:, None] * C + cols[None, :], val.to(W_ptr.dtype.element_ty),
-                 mask=dm[:, None] & (cols < C)[None, :])
+    def _store_rows(ptr, b_ptr, rows, row_ok, cols, C, val, STORE_BIAS: tl.constexpr):
+        """Store val (len(rows), BLOCK_C) into rows `rows` (where row_ok) of a contiguous [W | b]."""
+        tl.store(ptr + rows[:, None] * C + cols[None, :], val.to(ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < C)[None, :])
         if STORE_BIAS:
-            tl.store(b_ptr + (row0 + d)[:, None] + 0 * cols[None, :], val.to(b_ptr.dtype.element_ty),
-                     mask=dm[:, None] & (cols == C)[None, :])
+            tl.store(b_ptr + rows[:, None] + 0 * cols[None, :], val.to(b_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols == C)[None, :])
 
     @triton.jit
-    def _compose_fwd(W_ptr, b_ptr, P_ptr, ws_ptr, wr_ptr, u_ptr, wd_ptr, out_ptr, outb_ptr,
-                     C, Ds, sqrt_d, D: tl.constexpr, R: tl.constexpr,
+    def _gate(s_ptr, h, stride, threshold):
+        """(w, s) of head h, w = s^2 (stride 0: one gate for the layer), w = 0 below threshold (routed off)."""
+        s = tl.load(s_ptr + h * stride).to(tl.float32)
+        return tl.where(s * s >= threshold, s * s, 0.0), s
+
+    @triton.jit
+    def _compose_fwd(W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, sd_ptr, out_ptr, outb_ptr,
+                     C, Ds, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold, D: tl.constexpr, R: tl.constexpr,
                      HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr, DISC: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         h = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         d = tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
-        ws = tl.load(ws_ptr + h).to(tl.float32)
-        wr = tl.load(wr_ptr + h).to(tl.float32)
-        wq = _load_rows(W_ptr, b_ptr, h * D, d, cols, C, D, HAS_BIAS)
-        wk = _load_rows(W_ptr, b_ptr, C + h * D, d, cols, C, D, HAS_BIAS)
-        _store_rows(out_ptr, outb_ptr, h * D, d, Ds, cols, C, ws * wq, OUT_BIAS)  # standard rows only
-        _store_rows(out_ptr, outb_ptr, C + h * D, d, Ds, cols, C, wk, OUT_BIAS)
-        # P^T W as a sum of outer products over the head's D input rows (rows re-read from L1): no
-        # cross-thread reduction, which is what made the first versions slow.
-        rec_q = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # P^T W_k -> q~ rows Ds.. (times w_rec)
-        rec_k = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # P^T W_q -> k~ rows Ds..
-        disc_k = tl.zeros((BLOCK_C,), tl.float32)  # u^T W_k -> k~ row D-1
-        for i in tl.static_range(D):
-            p = tl.load(P_ptr + (h * D + i) * R + r, mask=r < R, other=0.0).to(tl.float32)[:, None]
-            wk_i = _load_row(W_ptr, b_ptr, C + h * D + i, cols, C, HAS_BIAS)
-            rec_q += p * wk_i[None, :]
-            rec_k += p * _load_row(W_ptr, b_ptr, h * D + i, cols, C, HAS_BIAS)[None, :]
-            if DISC:
-                disc_k += tl.load(u_ptr + h * D + i).to(tl.float32) * wk_i
-        _store_rows(out_ptr, outb_ptr, h * D + Ds, r, R, cols, C, wr * rec_q, OUT_BIAS)
-        _store_rows(out_ptr, outb_ptr, C + h * D + Ds, r, R, cols, C, rec_k, OUT_BIAS)
+        q0, k0, v0 = h * D, C + h * D, 2 * C + h * D
+        wq = _load_rows(W_ptr, b_ptr, q0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+        wk = _load_rows(W_ptr, b_ptr, k0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+        wv = _load_rows(W_ptr, b_ptr, v0 + d, d < D, cols, C, C, 1, HAS_BIAS)  # all loads first
+        ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
+        wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
+        # Pt: rows r < R hold P^T, row R holds u^T (discoverability); zero elsewhere.
+        pt = tl.load(P_ptr + h * D * R + d[None, :] * R + r[:, None], mask=(r < R)[:, None] & (d < D)[None, :],
+                     other=0.0).to(tl.float32)
         if DISC:
-            one = tl.arange(0, 1)
-            wd = tl.load(wd_ptr + h).to(tl.float32)
-            q_last = tl.where(cols == C, sqrt_d * wd, 0.0)[None, :]
-            _store_rows(out_ptr, outb_ptr, h * D + D - 1, one, 1, cols, C, q_last, OUT_BIAS)
-            _store_rows(out_ptr, outb_ptr, C + h * D + D - 1, one, 1, cols, C, disc_k[None, :], OUT_BIAS)
-        wv = _load_rows(W_ptr, b_ptr, 2 * C + h * D, d, cols, C, D, HAS_BIAS)
-        _store_rows(out_ptr, outb_ptr, 2 * C + h * D, d, D, cols, C, wv, OUT_BIAS)
+            u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+            pt = tl.where((r == R)[:, None], u[None, :], pt)
+        rec_of_q = tl.dot(pt, wq, input_precision="ieee")  # rows r < R: P^T W_q -> k~ rows Ds + r
+        rec_of_k = tl.dot(pt, wk, input_precision="ieee")  # rows r < R: P^T W_k; row R: u^T W_k
+        _store_rows(out_ptr, outb_ptr, q0 + d, d < Ds, cols, C, ws * wq, OUT_BIAS)
+        _store_rows(out_ptr, outb_ptr, q0 + Ds + r, r < R, cols, C, wr * rec_of_k, OUT_BIAS)
+        _store_rows(out_ptr, outb_ptr, k0 + d, d < Ds, cols, C, wk, OUT_BIAS)
+        _store_rows(out_ptr, outb_ptr, k0 + Ds + r, r < R, cols, C, rec_of_q, OUT_BIAS)
+        if DISC:  # row D - 1: q~ carries sqrt(D) w_disc in its bias only, k~ carries u^T W_k (row R above)
+            wd, _ = _gate(sd_ptr, h, gs_disc, 0.0)
+            q_last = tl.where((cols == C)[None, :], sqrt_d * wd, 0.0) + 0.0 * rec_of_k
+            _store_rows(out_ptr, outb_ptr, q0 + D - 1 - R + r, r == R, cols, C, q_last, OUT_BIAS)
+            _store_rows(out_ptr, outb_ptr, k0 + D - 1 - R + r, r == R, cols, C, rec_of_k, OUT_BIAS)
+        _store_rows(out_ptr, outb_ptr, v0 + d, d < D, cols, C, wv, OUT_BIAS)
 
     @triton.jit
-    def _compose_bwd(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ws_ptr, wr_ptr, u_ptr, dW_ptr, db_ptr, part_ptr,
-                     C, Ds, n_blocks, D: tl.constexpr, R: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr, DISC: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-        h = tl.program_id(0)
-        blk = tl.program_id(1)
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        std = (d < Ds)[:, None]
-        gq = _load_rows(G_ptr, gb_ptr, h * D, d, cols, C, D, OUT_BIAS)
-        gk = _load_rows(G_ptr, gb_ptr, C + h * D, d, cols, C, D, OUT_BIAS)
-        wq = _load_rows(W_ptr, b_ptr, h * D, d, cols, C, D, HAS_BIAS)
-        wk = _load_rows(W_ptr, b_ptr, C + h * D, d, cols, C, D, HAS_BIAS)
-        ws = tl.load(ws_ptr + h).to(tl.float32)
-        wr = tl.load(wr_ptr + h).to(tl.float32)
-        # partial sums of this block, laid out [dw_std, dw_rec, dP (D x R), du (D)]
-        part = part_ptr + (h * n_blocks + blk) * (2 + D * R + D)
-        tl.store(part, tl.sum(tl.sum(tl.where(std, gq * wq, 0.0), axis=1), axis=0))
-        dwq = tl.where(std, ws * gq, 0.0)
-        dwk = tl.where(std, gk, 0.0)
-        d_wr = tl.zeros((BLOCK_D,), tl.float32)
-        for r in tl.static_range(R):
-            p = tl.load(P_ptr + (h * D + d) * R + r, mask=dm, other=0.0).to(tl.float32)
-            gk_r = _load_row(G_ptr, gb_ptr, C + h * D + Ds + r, cols, C, OUT_BIAS)  # grad of k~ row P_r^T W_q
-            gq_r = _load_row(G_ptr, gb_ptr, h * D + Ds + r, cols, C, OUT_BIAS)  # grad of q~ row w_rec P_r^T W_k
-            dwq += p[:, None] * gk_r[None, :]
-            dwk += wr * p[:, None] * gq_r[None, :]
-            wk_gq = tl.sum(wk * gq_r[None, :], axis=1)  # (BLOCK_D,)
-            d_wr += p * wk_gq
-            tl.store(part + 2 + d * R + r, tl.sum(wq * gk_r[None, :], axis=1) + wr * wk_gq, mask=dm)
-        tl.store(part + 1, tl.sum(d_wr, axis=0))
+    def _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D: tl.constexpr, R: tl.constexpr,
+                       OUT_BIAS: tl.constexpr, DISC: tl.constexpr):
+        """(g_krec, g_qrec), BLOCK_R x BLOCK_C: g_krec[r] = dL/d(k~ row Ds+r = P_r^T W_q), g_qrec[r] =
+        dL/d(q~ row Ds+r = w_rec P_r^T W_k) and, with discoverability, g_qrec[R] = dL/d(k~ row D-1 = u^T W_k)."""
+        g_krec = _load_rows(G_ptr, gb_ptr, k0 + Ds + r, r < R, cols, C, s_g0, s_g1, OUT_BIAS)
+        qrec_ok = r < R
         if DISC:
-            g_last = _load_row(G_ptr, gb_ptr, C + h * D + D - 1, cols, C, OUT_BIAS)
-            u = tl.load(u_ptr + h * D + d, mask=dm, other=0.0).to(tl.float32)
-            dwk += u[:, None] * g_last[None, :]
-            tl.store(part + 2 + D * R + d, tl.sum(wk * g_last[None, :], axis=1), mask=dm)
-        _store_rows(dW_ptr, db_ptr, h * D, d, D, cols, C, dwq, HAS_BIAS)
-        _store_rows(dW_ptr, db_ptr, C + h * D, d, D, cols, C, dwk, HAS_BIAS)
-        gv = _load_rows(G_ptr, gb_ptr, 2 * C + h * D, d, cols, C, D, OUT_BIAS)
-        _store_rows(dW_ptr, db_ptr, 2 * C + h * D, d, D, cols, C, gv, HAS_BIAS)
+            qrec_ok = r <= R
+        g_qrec = _load_rows(G_ptr, gb_ptr, tl.where(r < R, q0 + Ds + r, k0 + D - 1), qrec_ok, cols, C,
+                            s_g0, s_g1, OUT_BIAS)
+        return g_krec, g_qrec
+
+    @triton.jit
+    def _compose_bwd(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, sd_ptr,
+                     dW_ptr, db_ptr, dP_ptr, dss_ptr, dsr_ptr, du_ptr, dsd_ptr,
+                     C, n_cols, Ds, n_heads, n_blocks, s_g0, s_g1, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
+                     D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr,
+                     DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     REDUCE_C: tl.constexpr, PREC: tl.constexpr):
+        pid = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        r = tl.arange(0, BLOCK_R)
+        if pid < n_heads:  # the reducers come first, so they start first: they have the longest run
+            _reduce_head(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
+                         du_ptr, dsd_ptr, pid, d, r, C, n_cols, Ds, s_g0, s_g1, sqrt_d, gs_std, gs_rec,
+                         gs_disc, rec_threshold, D, R, HAS_BIAS, OUT_BIAS, DISC, BLOCK_D, BLOCK_R, REDUCE_C, PREC)
+        else:
+            h = (pid - n_heads) // n_blocks
+            cols = ((pid - n_heads) % n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+            q0, k0, v0 = h * D, C + h * D, 2 * C + h * D
+            gq = _load_rows(G_ptr, gb_ptr, q0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+            gk = _load_rows(G_ptr, gb_ptr, k0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+            gv = _load_rows(G_ptr, gb_ptr, v0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+            g_krec, g_qrec = _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D, R,
+                                            OUT_BIAS, DISC)
+            ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
+            wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
+            p = tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_R): P, zero-padded
+            pu = wr * p
+            if DISC:
+                u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+                pu = tl.where((r == R)[None, :], u[:, None], pu)
+            std = (d < Ds)[:, None]
+            dwq = tl.where(std, ws * gq, 0.0) + tl.dot(p, g_krec, input_precision="ieee")
+            dwk = tl.where(std, gk, 0.0) + tl.dot(pu, g_qrec, input_precision="ieee")
+            _store_rows(dW_ptr, db_ptr, q0 + d, d < D, cols, C, dwq, HAS_BIAS)
+            _store_rows(dW_ptr, db_ptr, k0 + d, d < D, cols, C, dwk, HAS_BIAS)
+            _store_rows(dW_ptr, db_ptr, v0 + d, d < D, cols, C, gv, HAS_BIAS)
+
+    @triton.jit
+    def _reduce_head(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
+                     du_ptr, dsd_ptr, h, d, r, C, n_cols, Ds, s_g0, s_g1, sqrt_d, gs_std, gs_rec, gs_disc,
+                     rec_threshold, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     OUT_BIAS: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     REDUCE_C: tl.constexpr, PREC: tl.constexpr):
+        """Head h's parameter gradients, summed over every column of [W | b]: dP, du, and dL/ds per gate."""
+        q0, k0 = h * D, C + h * D
+        wq_gk = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)  # W_q g_krec^T
+        wk_gq = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)  # W_k g_qrec^T (column R: du)
+        q_std = tl.zeros((BLOCK_D,), tl.float32)  # rows of sum(std * G_q * W_q)
+        for c0 in range(0, n_cols, REDUCE_C):
+            cols = c0 + tl.arange(0, REDUCE_C)
+            wq = _load_rows(W_ptr, b_ptr, q0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+            wk = _load_rows(W_ptr, b_ptr, k0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+            gq = _load_rows(G_ptr, gb_ptr, q0 + d, d < Ds, cols, C, s_g0, s_g1, OUT_BIAS)
+            g_krec, g_qrec = _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D, R,
+                                            OUT_BIAS, DISC)
+            wq_gk += tl.dot(wq, tl.trans(g_krec), input_precision=PREC)
+            wk_gq += tl.dot(wk, tl.trans(g_qrec), input_precision=PREC)
+            q_std += tl.sum(gq * wq, axis=1)  # gq is zero outside the standard rows
+        p = tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
+                    other=0.0).to(tl.float32)
+        _, s_std = _gate(ss_ptr, h, gs_std, 0.0)
+        wr, s_rec = _gate(sr_ptr, h, gs_rec, rec_threshold)
+        rec_on = (s_rec * s_rec >= rec_threshold).to(tl.float32)
+        tl.store(dss_ptr + h, 2 * s_std * tl.sum(q_std, axis=0))
+        tl.store(dsr_ptr + h, 2 * s_rec * rec_on * tl.sum(p * wk_gq))
+        rec_mask = (d < D)[:, None] & (r < R)[None, :]
+        tl.store(dP_ptr + h * D * R + d[:, None] * R + r[None, :], wq_gk + wr * wk_gq, mask=rec_mask)
+        if DISC:
+            tl.store(du_ptr + h * D + d[:, None] + 0 * r[None, :], wk_gq, mask=(d < D)[:, None] & (r == R)[None, :])
+            _, s_disc = _gate(sd_ptr, h, gs_disc, 0.0)
+            g_bias = tl.load(gb_ptr + q0 + D - 1).to(tl.float32)  # dL/d(q~ bias of row D-1 = sqrt(D) w_disc)
+            tl.store(dsd_ptr + h, 2 * s_disc * sqrt_d * g_bias)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def _grid(H: int, C: int, out_bias: bool):
-    return H, triton.cdiv(C + int(out_bias), BLOCK_C)
+def _stride(gate_root: torch.Tensor) -> int:
+    """0 for a per-layer gate (one value for every head), 1 per head."""
+    return int(gate_root.numel() > 1)
 
 
 @triton_op("gpt2ra::compose_qkv", mutates_args=())
-def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, w_std: torch.Tensor,
-                w_rec: torch.Tensor, u: torch.Tensor, w_disc: torch.Tensor, std_dim: int,
+def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std: torch.Tensor,
+                s_rec: torch.Tensor, u: torch.Tensor, s_disc: torch.Tensor, std_dim: int, rec_threshold: float,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W~ (3C, C), b~ (3C,), or an empty b~ without bias and discoverability). Absent bias / u / w_disc
-    are passed as empty tensors."""
+    """(W~ (3C, C), b~ (3C,), or an empty b~ without bias and discoverability). Gates come as their square
+    roots s (w = s^2, per head or one per layer; w_rec is 0 where below rec_threshold). Absent bias / u /
+    s_disc are passed as empty tensors."""
     C = weight.shape[1]
     H, D, R = P.shape
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = has_bias or disc
     out = weight.new_empty(3 * C, C, dtype=out_dtype)
     out_b = weight.new_empty(3 * C if out_bias else 0, dtype=out_dtype)
-    wrap_triton(_compose_fwd)[_grid(H, C, out_bias)](
-        weight, bias, P.contiguous(), w_std.contiguous(), w_rec.contiguous(), u.contiguous(),
-        w_disc.contiguous(), out, out_b, C, std_dim, math.sqrt(D), D=D, R=R,
-        HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D),
-        BLOCK_R=triton.next_power_of_2(R), BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    grid = (H, triton.cdiv(C + int(out_bias), FWD_BLOCK_C))
+    wrap_triton(_compose_fwd)[grid](
+        weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc, out, out_b, C, std_dim,
+        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
+        HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
+        BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
     return out, out_b
-
-
 
 
 @triton_op("gpt2ra::compose_qkv_backward", mutates_args=())
 def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         P: torch.Tensor, w_std: torch.Tensor, w_rec: torch.Tensor, u: torch.Tensor,
-                         std_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dW, db (empty without bias), partial sums reduced: (H, 2 + D R + D) = [dw_std, dw_rec, dP, du])."""
+                         P: torch.Tensor, s_std: torch.Tensor, s_rec: torch.Tensor, u: torch.Tensor,
+                         s_disc: torch.Tensor, std_dim: int, rec_threshold: float) -> list[torch.Tensor]:
+    """[dW, db, dP, dL/ds_std, dL/ds_rec, du, dL/ds_disc]: the gate roots' gradients per head (H,), summed
+    over heads by the caller for a per-layer gate; db, du, dL/ds_disc are empty where absent."""
     C = weight.shape[1]
     H, D, R = P.shape
     has_bias, disc = bias.numel() > 0, u.numel() > 0
-    grid = _grid(H, C, grad_bias.numel() > 0)
-    dW = torch.empty_like(weight)
-    db = torch.empty_like(bias)
-    parts = weight.new_empty(H, grid[1], 2 + D * R + D, dtype=torch.float32)  # du slots unused without disc
-    wrap_triton(_compose_bwd)[grid](
-        grad.contiguous(), grad_bias.contiguous(), weight, bias, P.contiguous(), w_std.contiguous(),
-        w_rec.contiguous(), u.contiguous(), dW, db, parts, C, std_dim, grid[1], D=D, R=R,
-        HAS_BIAS=has_bias, OUT_BIAS=grad_bias.numel() > 0, DISC=disc, BLOCK_D=_block_d(D), BLOCK_C=BLOCK_C,
-        num_warps=NUM_WARPS)
-    return dW, db, parts.sum(1)
+    out_bias = grad_bias.numel() > 0
+    n_blocks = triton.cdiv(C + int(out_bias), BWD_BLOCK_C)
+    dW, db, dP = torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(P)
+    per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
+    d_std, d_rec, d_disc = per_head(s_std), per_head(s_rec), per_head(s_disc)
+    du = torch.empty_like(u)
+    wrap_triton(_compose_bwd)[(H + H * n_blocks,)](
+        grad, grad_bias.contiguous(), weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc,
+        dW, db, dP, d_std, d_rec, du, d_disc, C, C + int(out_bias), std_dim, H, n_blocks, grad.stride(0), grad.stride(1),
+        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
+        HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
+        BLOCK_C=BWD_BLOCK_C, REDUCE_C=REDUCE_BLOCK_C, PREC=REDUCE_PRECISION, num_warps=BWD_WARPS)
+    return [dW, db, dP, d_std, d_rec, du, d_disc]
 
 
+def _per_gate(s: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
+    return per_head if s.numel() > 1 else per_head.sum(0, keepdim=True)
 
 
 def _setup_context(ctx, inputs, output):
-    weight, bias, P, w_std, w_rec, u, w_disc, std_dim, _ = inputs
-    ctx.save_for_backward(weight, bias, P, w_std, w_rec, u, w_disc)
-    ctx.std_dim = std_dim
+    weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold, _ = inputs
+    ctx.save_for_backward(weight, bias, P, s_std, s_rec, u, s_disc)
+    ctx.std_dim, ctx.rec_threshold = std_dim, rec_threshold
 
 
 def _backward(ctx, grad, grad_bias):
-    weight, bias, P, w_std, w_rec, u, w_disc = ctx.saved_tensors
-    H, D, R = P.shape
+    weight, bias, P, s_std, s_rec, u, s_disc = ctx.saved_tensors
     out_bias = bias.numel() > 0 or u.numel() > 0
     if grad_bias is None or (out_bias and grad_bias.numel() == 0):  # b~ took no part in the loss
         grad_bias = grad.new_zeros(grad.shape[0] if out_bias else 0)
-    dW, db, sums = compose_qkv_backward(grad, grad_bias, weight, bias, P, w_std, w_rec, u, ctx.std_dim)
-    sums = sums.to(P.dtype)
-    d_ws, d_wr = sums[:, 0].to(w_std.dtype), sums[:, 1].to(w_rec.dtype)
-    dP = sums[:, 2:2 + D * R].reshape(H, D, R)
-    du = sums[:, 2 + D * R:].to(u.dtype) if u.numel() else None
-    d_wd = None
-    if w_disc.numel():  # row D-1 of each head's q~ bias is sqrt(D) w_disc
-        d_wd = (math.sqrt(D) * grad_bias[: H * D].view(H, D)[:, D - 1]).to(w_disc.dtype)
-    return dW, (db if bias.numel() else None), dP, d_ws, d_wr, du, d_wd, None, None
+    dW, db, dP, d_std, d_rec, du, d_disc = compose_qkv_backward(
+        grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, ctx.std_dim, ctx.rec_threshold)
+    return (dW, db if bias.numel() else None, dP, _per_gate(s_std, d_std), _per_gate(s_rec, d_rec),
+            du if u.numel() else None, _per_gate(s_disc, d_disc) if s_disc.numel() else None, None, None, None)
 
 
 compose_qkv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def compose_qkv_fused(weight, bias, P, w_std, w_rec, u, w_disc, std_dim: int, out_dtype: torch.dtype):
-    """(W~, b~ or None) through the kernels; bias, u and w_disc may be None."""
+def compose_qkv_fused(weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float,
+                      out_dtype: torch.dtype):
+    """(W~, b~ or None) through the kernels; bias, u and s_disc may be None. Gates as square roots."""
     none = _empty(weight)
-    out, out_b = compose_qkv(weight, none if bias is None else bias, P, w_std, w_rec,
-                             none if u is None else u, none if w_disc is None else w_disc, std_dim, out_dtype)
+    out, out_b = compose_qkv(weight, none if bias is None else bias, P, s_std, s_rec, none if u is None else u,
+                             none if s_disc is None else s_disc, std_dim, rec_threshold, out_dtype)
     return out, (out_b if out_b.numel() else None)

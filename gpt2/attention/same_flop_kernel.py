@@ -2,19 +2,22 @@
 
 Per head h (rows are tokens; P is D x R, Ds = D - R - [disc], head dim stays D):
     q~ = [w_std q[:Ds], w_rec k P, (sqrt(D) w_disc)]        k~ = [k[:Ds], q P, (k . u)]
-Write the reciprocal block as a D x D matrix A with A[:, Ds:Ds+R] = P and zeros elsewhere (built in
-registers from a masked load of P, never stored), m the indicator of the first Ds columns and
-e = e_{D-1} the discoverability column. Then
-    q~ = m * (w_std q) + w_rec (k A) + sqrt(D) w_disc e        k~ = m * k + q A + (k . u) e
-Backward, with G = dL/dq~ and K = dL/dk~ (each T x D, summed over batch and tokens where a parameter):
-    dq      = w_std m * G + K A^T
-    dk      = m * K + w_rec G A^T + K[:, D-1] u^T
-    dA      = w_rec k^T G + q^T K                    dP = dA[:, Ds:Ds+R]
-    dw_std  = sum(m * q * G)                         dw_rec = sum(A * (k^T G))   (= sum(kA * G))
+Backward, with G = dL/dq~ and K = dL/dk~ (each T x D, summed over batch and tokens where a parameter),
+m the indicator of the first Ds columns and G_rec = G[:, Ds:Ds+R], K_rec = K[:, Ds:Ds+R]:
+    dq      = w_std m * G + K_rec P^T
+    dk      = m * K + w_rec G_rec P^T + K[:, D-1] u^T
+    dP      = w_rec k^T G_rec + q^T K_rec
+    dw_std  = sum(m * q * G)                         dw_rec = sum(P * (k^T G_rec))   (= sum(kP * G_rec))
     du      = k^T K[:, D-1]                          dw_disc = sqrt(D) sum(G[:, D-1])
+Only the R reciprocal columns involve P, so the kernels multiply by P itself, zero-padded to BLOCK_R =
+max(16, next_pow2(R)) columns (tl.dot wants every dim >= 16): a token tile times P is BLOCK_T x BLOCK_R.
+The forward stores the standard (+ discoverability) columns from the elementwise tiles with a column mask
+and the reciprocal block with a second store at columns Ds + r. The backward reads G_rec, K_rec as a
+second masked load of the grads it already loaded (the same lines, hot in cache).
 Each program owns one (token tile, batch, head); it writes dq, dk and its partial parameter grads,
-which torch then reduces with one .sum per tensor. Both passes are torch.library.triton_ops: torch.compile
-launches the two kernels from its own code instead of the small GEMMs and copies inductor emits for the fold.
+which torch then reduces with one .sum per tensor (deterministic, no atomics). Both passes are
+torch.library.triton_ops: torch.compile launches the two kernels from its own code instead of the small
+GEMMs and copies inductor emits for the fold.
 Compute is in fp32 (fp64 for fp64 inputs); outputs take q's dtype, parameter grads each parameter's.
 """
 
@@ -26,62 +29,67 @@ from torch.library import triton_op, wrap_triton
 
 from .triton_support import HAVE_TRITON, tl, triton
 
-# Token rows per program; tests lower it to exercise several tiles. Warps are untuned guesses.
+# Token rows per program; tests lower it to exercise several tiles. Warps: best measured on an H100.
 BLOCK_T = 64
 NUM_WARPS_FWD = 4
-NUM_WARPS_BWD = 8
+NUM_WARPS_BWD = 4
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _load_tile(ptr, b, h, rows, cols, T, D, s_b, s_h, s_t, s_d, ACC: tl.constexpr):
+    def _tile_ptrs(ptr, b, h, rows, cols, keep, T, s_b, s_h, s_t, s_d):
         # Strided (B, H, T, D) access: the QKV views and upstream grads are read in place, no copy.
         base = ptr + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
         offs = rows[:, None].to(tl.int64) * s_t + cols[None, :] * s_d
-        mask = (rows[:, None] < T) & (cols[None, :] < D)
-        return tl.load(base + offs, mask=mask, other=0.0).to(ACC)
+        return base + offs, (rows[:, None] < T) & keep[None, :]
 
     @triton.jit
-    def _store_tile(ptr, val, b, h, rows, cols, T, D, s_b, s_h, s_t, s_d):
-        base = ptr + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
-        offs = rows[:, None].to(tl.int64) * s_t + cols[None, :] * s_d
-        mask = (rows[:, None] < T) & (cols[None, :] < D)
-        tl.store(base + offs, val.to(ptr.dtype.element_ty), mask=mask)
+    def _load_tile(ptr, b, h, rows, cols, keep, T, s_b, s_h, s_t, s_d, ACC: tl.constexpr):
+        ptrs, mask = _tile_ptrs(ptr, b, h, rows, cols, keep, T, s_b, s_h, s_t, s_d)
+        return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
 
     @triton.jit
-    def _rec_matrix(p_ptr, h, D, R, DS, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-        # A = P placed at columns Ds..Ds+R of a D x D zero matrix: k @ A puts k P in place.
-        d = tl.arange(0, BLOCK_D)
-        c = d - DS
-        mask = (d[:, None] < D) & (c[None, :] >= 0) & (c[None, :] < R)
-        return tl.load(p_ptr + h * D * R + d[:, None] * R + c[None, :], mask=mask, other=0.0).to(ACC)
+    def _store_tile(ptr, val, b, h, rows, cols, keep, T, s_b, s_h, s_t, s_d):
+        ptrs, mask = _tile_ptrs(ptr, b, h, rows, cols, keep, T, s_b, s_h, s_t, s_d)
+        tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _load_p(p_ptr, h, D, R, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+        # P_h zero-padded to BLOCK_D x BLOCK_R.
+        d, r = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_R)
+        mask = (d[:, None] < D) & (r[None, :] < R)
+        return tl.load(p_ptr + h * D * R + d[:, None] * R + r[None, :], mask=mask, other=0.0).to(ACC)
 
     @triton.jit
     def _fold_fwd_kernel(q_ptr, k_ptr, p_ptr, ws_ptr, wr_ptr, u_ptr, wd_ptr, qt_ptr, kt_ptr,
                          T, D, R, DS, sqrt_d,
                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, so_b, so_h, so_t, so_d,
                          DISC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         pid_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_D)
-        q = _load_tile(q_ptr, b, h, rows, cols, T, D, sq_b, sq_h, sq_t, sq_d, ACC)
-        k = _load_tile(k_ptr, b, h, rows, cols, T, D, sk_b, sk_h, sk_t, sk_d, ACC)
-        A = _rec_matrix(p_ptr, h, D, R, DS, BLOCK_D, ACC)
-        w_std = tl.load(ws_ptr + h).to(ACC)
+        rc = tl.arange(0, BLOCK_R)
+        q = _load_tile(q_ptr, b, h, rows, cols, cols < D, T, sq_b, sq_h, sq_t, sq_d, ACC)
+        k = _load_tile(k_ptr, b, h, rows, cols, cols < D, T, sk_b, sk_h, sk_t, sk_d, ACC)
+        P = _load_p(p_ptr, h, D, R, BLOCK_D, BLOCK_R, ACC)
         w_rec = tl.load(wr_ptr + h).to(ACC)
+        q_rec = w_rec * tl.dot(k, P, input_precision=PREC)  # BLOCK_T x BLOCK_R, padded columns zero
+        k_rec = tl.dot(q, P, input_precision=PREC)
+        # Place the reciprocal columns at Ds.. with a 0/1 selection dot (exact), so each output is
+        # stored as one full tile: partial-row stores at an unaligned offset ran ~2x slower on an H100.
+        place = ((cols[None, :] == DS + rc[:, None]) & (rc[:, None] < R)).to(ACC)  # BLOCK_R x BLOCK_D
         std = (cols < DS)[None, :]
-        # A is zero outside the rec columns, so the dots add nothing to the std / disc columns.
-        qt = tl.where(std, w_std * q, 0.0) + w_rec * tl.dot(k, A, input_precision=PREC)
-        kt = tl.where(std, k, 0.0) + tl.dot(q, A, input_precision=PREC)
+        qt = tl.where(std, tl.load(ws_ptr + h).to(ACC) * q, 0.0) + tl.dot(q_rec, place, input_precision=PREC)
+        kt = tl.where(std, k, 0.0) + tl.dot(k_rec, place, input_precision=PREC)
         if DISC:
             last = (cols == D - 1)[None, :]
             u = tl.load(u_ptr + h * D + cols, mask=cols < D, other=0.0).to(ACC)
             bias = tl.sum(k * u[None, :], axis=1)  # d_j = k_j . u_h
             qt = tl.where(last, sqrt_d * tl.load(wd_ptr + h).to(ACC), qt)
             kt = tl.where(last, bias[:, None], kt)
-        _store_tile(qt_ptr, qt, b, h, rows, cols, T, D, so_b, so_h, so_t, so_d)
-        _store_tile(kt_ptr, kt, b, h, rows, cols, T, D, so_b, so_h, so_t, so_d)
+        _store_tile(qt_ptr, qt, b, h, rows, cols, cols < D, T, so_b, so_h, so_t, so_d)
+        _store_tile(kt_ptr, kt, b, h, rows, cols, cols < D, T, so_b, so_h, so_t, so_d)
 
     @triton.jit
     def _fold_bwd_kernel(gq_ptr, gk_ptr, q_ptr, k_ptr, p_ptr, ws_ptr, wr_ptr, u_ptr,
@@ -90,30 +98,32 @@ if HAVE_TRITON:
                          sg_b, sg_h, sg_t, sg_d, sh_b, sh_h, sh_t, sh_d,
                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, so_b, so_h, so_t, so_d,
                          DISC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                         ACC: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         pid_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_D)
-        # Rows past T load as zeros, so they add nothing to the partial sums below.
-        G = _load_tile(gq_ptr, b, h, rows, cols, T, D, sg_b, sg_h, sg_t, sg_d, ACC)
-        K = _load_tile(gk_ptr, b, h, rows, cols, T, D, sh_b, sh_h, sh_t, sh_d, ACC)
-        q = _load_tile(q_ptr, b, h, rows, cols, T, D, sq_b, sq_h, sq_t, sq_d, ACC)
-        k = _load_tile(k_ptr, b, h, rows, cols, T, D, sk_b, sk_h, sk_t, sk_d, ACC)
-        A = _rec_matrix(p_ptr, h, D, R, DS, BLOCK_D, ACC)
-        At = tl.trans(A)
+        rc = tl.arange(0, BLOCK_R)
+        # Rows past T (and padded columns) load as zeros, so they add nothing to the partial sums below.
+        G = _load_tile(gq_ptr, b, h, rows, cols, cols < D, T, sg_b, sg_h, sg_t, sg_d, ACC)
+        K = _load_tile(gk_ptr, b, h, rows, cols, cols < D, T, sh_b, sh_h, sh_t, sh_d, ACC)
+        q = _load_tile(q_ptr, b, h, rows, cols, cols < D, T, sq_b, sq_h, sq_t, sq_d, ACC)
+        k = _load_tile(k_ptr, b, h, rows, cols, cols < D, T, sk_b, sk_h, sk_t, sk_d, ACC)
+        G_rec = _load_tile(gq_ptr, b, h, rows, DS + rc, rc < R, T, sg_b, sg_h, sg_t, sg_d, ACC)
+        K_rec = _load_tile(gk_ptr, b, h, rows, DS + rc, rc < R, T, sh_b, sh_h, sh_t, sh_d, ACC)
+        P = _load_p(p_ptr, h, D, R, BLOCK_D, BLOCK_R, ACC)
+        Pt = tl.trans(P)
         w_std = tl.load(ws_ptr + h).to(ACC)
         w_rec = tl.load(wr_ptr + h).to(ACC)
         std = (cols < DS)[None, :]
-        dq = tl.where(std, w_std * G, 0.0) + tl.dot(K, At, input_precision=PREC)
-        dk = tl.where(std, K, 0.0) + w_rec * tl.dot(G, At, input_precision=PREC)
-        kG = tl.dot(tl.trans(k), G, input_precision=PREC)  # serves both dA and dw_rec
-        dA = w_rec * kG + tl.dot(tl.trans(q), K, input_precision=PREC)
+        dq = tl.where(std, w_std * G, 0.0) + tl.dot(K_rec, Pt, input_precision=PREC)
+        dk = tl.where(std, K, 0.0) + w_rec * tl.dot(G_rec, Pt, input_precision=PREC)
+        kG = tl.dot(tl.trans(k), G_rec, input_precision=PREC)  # BLOCK_D x BLOCK_R: serves dP and dw_rec
+        dP = w_rec * kG + tl.dot(tl.trans(q), K_rec, input_precision=PREC)
         part = (pid_t + b * tl.num_programs(0)).to(tl.int64) * H + h  # this program's slot
         tl.store(pws_ptr + part, tl.sum(tl.where(std, q * G, 0.0)))
-        tl.store(pwr_ptr + part, tl.sum(A * kG))
-        c = cols - DS
-        pmask = (cols[:, None] < D) & (c[None, :] >= 0) & (c[None, :] < R)
-        tl.store(pp_ptr + part * D * R + cols[:, None] * R + c[None, :], dA, mask=pmask)
+        tl.store(pwr_ptr + part, tl.sum(P * kG))
+        pmask = (cols[:, None] < D) & (rc[None, :] < R)
+        tl.store(pp_ptr + part * D * R + cols[:, None] * R + rc[None, :], dP, mask=pmask)
         if DISC:
             last = (cols == D - 1)[None, :]
             u = tl.load(u_ptr + h * D + cols, mask=cols < D, other=0.0).to(ACC)
@@ -121,8 +131,8 @@ if HAVE_TRITON:
             dk += K_last[:, None] * u[None, :]
             tl.store(pu_ptr + part * D + cols, tl.sum(k * K_last[:, None], axis=0), mask=cols < D)
             tl.store(pwd_ptr + part, sqrt_d * tl.sum(tl.where(last, G, 0.0)))
-        _store_tile(dq_ptr, dq, b, h, rows, cols, T, D, so_b, so_h, so_t, so_d)
-        _store_tile(dk_ptr, dk, b, h, rows, cols, T, D, so_b, so_h, so_t, so_d)
+        _store_tile(dq_ptr, dq, b, h, rows, cols, cols < D, T, so_b, so_h, so_t, so_d)
+        _store_tile(dk_ptr, dk, b, h, rows, cols, cols < D, T, so_b, so_h, so_t, so_d)
 
 
 def _check_width(D: int, R: int, std_dim: int, disc: bool) -> None:
@@ -137,13 +147,14 @@ def _fresh_heads(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(B, T, H, D).permute(0, 2, 1, 3)
 
 
-def _launch_args(q: torch.Tensor):
+def _launch_args(q: torch.Tensor, R: int):
     """Grid and compile-time constants: fp32 math (fp64 for fp64), exact dots for fp32/fp64 inputs."""
     B, H, T, D = q.shape
     acc = tl.float64 if q.dtype == torch.float64 else tl.float32
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
     grid = (triton.cdiv(T, BLOCK_T), B, H)
-    consts = dict(BLOCK_T=BLOCK_T, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=acc, PREC=prec)
+    consts = dict(BLOCK_T=BLOCK_T, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=acc, PREC=prec,
+                  BLOCK_R=max(16, triton.next_power_of_2(R)))
     return grid, consts
 
 
@@ -161,14 +172,12 @@ def fold_same_flop(q: torch.Tensor, k: torch.Tensor, P: torch.Tensor, w_std: tor
     u = u.contiguous() if disc else P  # unused pointer placeholders when discoverability is off
     w_disc = w_disc.contiguous() if disc else w_std
     qt, kt = _fresh_heads(q), _fresh_heads(q)
-    grid, consts = _launch_args(q)
+    grid, consts = _launch_args(q, R)
     wrap_triton(_fold_fwd_kernel)[grid](q, k, P, w_std, w_rec, u, w_disc, qt, kt,
                            q.shape[2], D, R, std_dim, math.sqrt(D),
                            *q.stride(), *k.stride(), *qt.stride(),
                            DISC=disc, num_warps=NUM_WARPS_FWD, **consts)
     return qt, kt
-
-
 
 
 @triton_op("gpt2ra::fold_same_flop_backward", mutates_args=())
@@ -180,7 +189,7 @@ def _fold_same_flop_backward(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor
     disc = u is not None
     P, w_std, w_rec = P.contiguous(), w_std.contiguous(), w_rec.contiguous()
     dq, dk = _fresh_heads(q), _fresh_heads(q)
-    grid, consts = _launch_args(q)
+    grid, consts = _launch_args(q, R)
     n_part = grid[0] * grid[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     part = lambda *shape: torch.empty(n_part, H, *shape, dtype=acc, device=q.device)  # noqa: E731
@@ -197,8 +206,6 @@ def _fold_same_flop_backward(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor
     else:
         grads += [q.new_empty(0), q.new_empty(0)]
     return grads
-
-
 
 
 def _setup_context(ctx, inputs, output):

@@ -35,10 +35,17 @@ class RAUnifiedAttention(RASameFlopAttention):
         W = self.c_attn.weight
         dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
         if self.kernels_take(W):
-            P, w_std, w_rec, u, w_disc = self.kernel_parameters()
-            return compose_qkv_fused(W, self.c_attn.bias, P, w_std, w_rec, u, w_disc, self.std_dim, dtype)
+            return compose_qkv_fused(W, self.c_attn.bias, self.P, *self.gate_roots(), self.std_dim,
+                                     self.head_select_threshold, dtype)
         weight, bias = self.composed_qkv_plain()
         return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+    def gate_roots(self):
+        """(s_std, s_rec, u, s_disc) as the kernels take them: the gates' square roots (w = s^2 is taken
+        inside the kernel, which saves a small kernel per layer); u, s_disc are None without discoverability."""
+        disc = self.discoverability
+        return (self.w_std.sqrt_weight, self.w_rec.sqrt_weight, self.u if disc else None,
+                self.w_disc.sqrt_weight if disc else None)
 
     def composed_qkv_plain(self):
         """The composition in plain torch ops (CPU, and the check of the kernels)."""
