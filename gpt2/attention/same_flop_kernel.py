@@ -11,8 +11,8 @@ m the indicator of the first Ds columns and G_rec = G[:, Ds:Ds+R], K_rec = K[:, 
     du      = k^T K[:, D-1]                          dw_disc = sqrt(D) sum(G[:, D-1])
 Only the R reciprocal columns involve P, so the kernels multiply by P itself, zero-padded to BLOCK_R =
 max(16, next_pow2(R)) columns (tl.dot wants every dim >= 16): a token tile times P is BLOCK_T x BLOCK_R.
-The forward stores the standard (+ discoverability) columns from the elementwise tiles with a column mask
-and the reciprocal block with a second store at columns Ds + r. The backward reads G_rec, K_rec as a
+The forward places the reciprocal block at columns Ds.. with a 0/1 selection dot and stores each output as
+one full tile (a second, partial-row store at offset Ds ran ~2x slower on an H100). The backward reads G_rec, K_rec as a
 second masked load of the grads it already loaded (the same lines, hot in cache).
 Each program owns one (token tile, batch, head); it writes dq, dk and its partial parameter grads,
 which torch then reduces with one .sum per tensor (deterministic, no atomics). Both passes are
