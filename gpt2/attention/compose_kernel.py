@@ -71,6 +71,12 @@ if HAVE_TRITON:
                      mask=row_ok[:, None] & (cols == C)[None, :])
 
     @triton.jit
+    def _load_p(P_ptr, h, d, r, D: tl.constexpr, R: tl.constexpr):
+        """P_h as a (BLOCK_D, BLOCK_R) fp32 tile, zero outside D x R."""
+        return tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _gate(s_ptr, h, stride, threshold):
         """(w, s) of head h, w = s^2 (stride 0: one gate for the layer), w = 0 below threshold (routed off)."""
         s = tl.load(s_ptr + h * stride).to(tl.float32)
@@ -148,8 +154,7 @@ if HAVE_TRITON:
                                             OUT_BIAS, DISC)
             ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
             wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
-            p = tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
-                        other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_R): P, zero-padded
+            p = _load_p(P_ptr, h, d, r, D, R)
             pu = wr * p
             if DISC:
                 u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
@@ -182,8 +187,7 @@ if HAVE_TRITON:
             wq_gk += tl.dot(wq, tl.trans(g_krec), input_precision=PREC)
             wk_gq += tl.dot(wk, tl.trans(g_qrec), input_precision=PREC)
             q_std += tl.sum(gq * wq, axis=1)  # gq is zero outside the standard rows
-        p = tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
-                    other=0.0).to(tl.float32)
+        p = _load_p(P_ptr, h, d, r, D, R)
         _, s_std = _gate(ss_ptr, h, gs_std, 0.0)
         wr, s_rec = _gate(sr_ptr, h, gs_rec, rec_threshold)
         rec_on = (s_rec * s_rec >= rec_threshold).to(tl.float32)
@@ -246,7 +250,7 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
     du = torch.empty_like(u)
     wrap_triton(_compose_bwd)[(H + H * n_blocks,)](
         grad, grad_bias.contiguous(), weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc,
-        dW, db, dP, d_std, d_rec, du, d_disc, C, C + int(out_bias), std_dim, H, n_blocks, grad.stride(0), grad.stride(1),
+        dW, db, dP, d_std, d_rec, du, d_disc, C, C + int(out_bias), std_dim, H, n_blocks, *grad.stride(),
         math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
         HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
         BLOCK_C=BWD_BLOCK_C, REDUCE_C=REDUCE_BLOCK_C, PREC=REDUCE_PRECISION, num_warps=BWD_WARPS)
