@@ -124,3 +124,23 @@ def test_backward_reads_a_transposed_gradient_in_place():
     assert not grad_t.t().is_contiguous()
     for a, b in zip(strided, dense):  # the compiler may order the sums differently for another layout
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_c, finish_tile", [(16, 64), (16, 512), (32, 4096)])
+def test_partial_sums_over_many_column_blocks(monkeypatch, block_c, finish_tile):
+    """The backward sums per-block partials in a second kernel, which may split a head's tile over several
+    programs: every split gives the plain composition's gradients, and the same bits on a second run."""
+    import gpt2.attention.compose_kernel as kernels
+
+    monkeypatch.setattr(kernels, "BWD_BLOCK_C", block_c)
+    monkeypatch.setattr(kernels, "FINISH_TILE", finish_tile)
+    m = unified(96, 3, 8, True, True)  # 97 columns with the bias: 7 blocks of 16
+    g_w, g_b = torch.randn(3 * 96, 96, device=DEVICE), torch.randn(3 * 96, device=DEVICE)
+    _, _, grads0 = composed_and_grads(m, lambda mod: mod.composed_qkv_plain(), g_w, g_b)
+    _, _, grads1 = composed_and_grads(m, fused, g_w, g_b)
+    _, _, grads2 = composed_and_grads(m, fused, g_w, g_b)
+    for name, g0 in grads0.items():
+        if g0 is None:  # a parameter outside the composition
+            continue
+        assert rel_err(grads1[name], g0) < 1e-5, name
+        assert torch.equal(grads1[name], grads2[name]), f"{name}: not deterministic"

@@ -1,4 +1,4 @@
-"""ra-unified's weight composition as two Triton kernels (one forward, one backward) per layer.
+"""ra-unified's weight composition in Triton: one forward kernel and two backward kernels per layer.
 
 Math (per head h; W_q,h, W_k,h are the head's D x C row blocks of c_attn.weight, the bias is treated as
 one more column, so everything below holds for it too). With A_h the D x D matrix whose columns
@@ -18,11 +18,12 @@ the backward returns dL/ds, so no small gate kernels run around them.
 Forward: each program owns one head and one block of columns, reads the head's q, k, v rows once and
 writes the composed rows once, in the GEMM's dtype (the bf16 cast autocast would add is fused in). A is
 never built: P^T W is one small dot with P^T zero-padded to 16 rows (tl.dot's minimum).
-Backward: programs of two kinds in one launch. One reducer per head loops over all columns and writes
-the parameter gradients (dP, du and the gate roots') finished: no partial sums, no atomics, so the
-result is deterministic and no reduction kernel follows. The other programs write dW block by block;
-they never read W, so they move what autocast's gradient cast moves in the baseline, plus the R
-reciprocal gradient rows. Each kernel replaces one cast kernel of the baseline step.
+Backward: one program per head and block of columns writes dW there (what autocast's gradient cast
+moves in the baseline, plus the R reciprocal gradient rows, plus a read of W) and its partial sums of the
+parameter gradients (dP, du, the gate roots'). A small second kernel adds each head's partials up with
+one tile load and one tl.sum: a fixed order, so the result is deterministic (no atomics). An earlier
+design summed each head's columns in one looping program; that loop was latency bound (43.5 us per layer
+on an H100, results/bench/attention-notes.md).
 Registered with torch.library.triton_op: torch.compile sees the kernels and launches them from its own
 generated code (a Python custom op costs ~0.3 ms of host time per call, which showed in the step time).
 Launch settings measured on an H100 with 12 layers' weights in turn (cold L2): results/bench/attention-notes.md.
@@ -36,9 +37,9 @@ from torch.library import triton_op, wrap_triton
 from .triton_support import HAVE_TRITON, tl, triton
 
 FWD_BLOCK_C, FWD_WARPS = 32, 4
-BWD_BLOCK_C, BWD_WARPS = 32, 4
-REDUCE_BLOCK_C = 64  # columns per step of the backward's per-head reducer loop
-REDUCE_PRECISION = "tf32x3"  # its dots: three tf32 products, float32's accuracy on the tensor cores
+BWD_BLOCK_C, BWD_WARPS = 16, 4
+PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy from three tf32 tensor-core dots
+FINISH_TILE, FINISH_WARPS = 4096, 4  # elements of partials each finishing program sums at once
 
 
 def _block_d(D: int) -> int:
@@ -130,76 +131,73 @@ if HAVE_TRITON:
         return g_krec, g_qrec
 
     @triton.jit
-    def _compose_bwd(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, sd_ptr,
-                     dW_ptr, db_ptr, dP_ptr, dss_ptr, dsr_ptr, du_ptr, dsd_ptr,
-                     C, n_cols, Ds, n_heads, n_blocks, s_g0, s_g1, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
-                     D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr,
-                     DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     REDUCE_C: tl.constexpr, PREC: tl.constexpr):
-        pid = tl.program_id(0)
+    def _compose_bwd(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, dW_ptr, db_ptr, part_ptr,
+                     part_s_ptr, C, Ds, s_g0, s_g1, gs_std, gs_rec, rec_threshold, D: tl.constexpr, R: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+        """Head h, one block of columns: dW there, and the parameter gradients' partial sums over them."""
+        h, blk, n_blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         d = tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
-        if pid < n_heads:  # the reducers come first, so they start first: they have the longest run
-            _reduce_head(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
-                         du_ptr, dsd_ptr, pid, d, r, C, n_cols, Ds, s_g0, s_g1, sqrt_d, gs_std, gs_rec,
-                         gs_disc, rec_threshold, D, R, HAS_BIAS, OUT_BIAS, DISC, BLOCK_D, BLOCK_R, REDUCE_C, PREC)
-        else:
-            h = (pid - n_heads) // n_blocks
-            cols = ((pid - n_heads) % n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-            q0, k0, v0 = h * D, C + h * D, 2 * C + h * D
-            gq = _load_rows(G_ptr, gb_ptr, q0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
-            gk = _load_rows(G_ptr, gb_ptr, k0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
-            gv = _load_rows(G_ptr, gb_ptr, v0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
-            g_krec, g_qrec = _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D, R,
-                                            OUT_BIAS, DISC)
-            ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
-            wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
-            p = _load_p(P_ptr, h, d, r, D, R)
-            pu = wr * p
-            if DISC:
-                u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
-                pu = tl.where((r == R)[None, :], u[:, None], pu)
-            std = (d < Ds)[:, None]
-            dwq = tl.where(std, ws * gq, 0.0) + tl.dot(p, g_krec, input_precision="ieee")
-            dwk = tl.where(std, gk, 0.0) + tl.dot(pu, g_qrec, input_precision="ieee")
-            _store_rows(dW_ptr, db_ptr, q0 + d, d < D, cols, C, dwq, HAS_BIAS)
-            _store_rows(dW_ptr, db_ptr, k0 + d, d < D, cols, C, dwk, HAS_BIAS)
-            _store_rows(dW_ptr, db_ptr, v0 + d, d < D, cols, C, gv, HAS_BIAS)
+        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        q0, k0, v0 = h * D, C + h * D, 2 * C + h * D
+        gq = _load_rows(G_ptr, gb_ptr, q0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+        gk = _load_rows(G_ptr, gb_ptr, k0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+        gv = _load_rows(G_ptr, gb_ptr, v0 + d, d < D, cols, C, s_g0, s_g1, OUT_BIAS)
+        g_krec, g_qrec = _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D, R, OUT_BIAS, DISC)
+        wq = _load_rows(W_ptr, b_ptr, q0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+        wk = _load_rows(W_ptr, b_ptr, k0 + d, d < D, cols, C, C, 1, HAS_BIAS)
+        ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
+        wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
+        p = _load_p(P_ptr, h, d, r, D, R)
+        pu = wr * p
+        if DISC:
+            u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+            pu = tl.where((r == R)[None, :], u[:, None], pu)
+        std = (d < Ds)[:, None]
+        dwq = tl.where(std, ws * gq, 0.0) + tl.dot(p, g_krec, input_precision="ieee")
+        dwk = tl.where(std, gk, 0.0) + tl.dot(pu, g_qrec, input_precision="ieee")
+        _store_rows(dW_ptr, db_ptr, q0 + d, d < D, cols, C, dwq, HAS_BIAS)
+        _store_rows(dW_ptr, db_ptr, k0 + d, d < D, cols, C, dwk, HAS_BIAS)
+        _store_rows(dW_ptr, db_ptr, v0 + d, d < D, cols, C, gv, HAS_BIAS)
+        # Partial sums over these columns; _compose_bwd_finish adds the blocks up in a fixed order.
+        wq_gk = tl.dot(wq, tl.trans(g_krec), input_precision=PREC)  # (BLOCK_D, BLOCK_R): W_q g_krec^T
+        wk_gq = tl.dot(wk, tl.trans(g_qrec), input_precision=PREC)  # W_k g_qrec^T; column R: du
+        part = tl.where((r < R)[None, :], wq_gk + wr * wk_gq, wk_gq)
+        slot = h * n_blocks + blk
+        tl.store(part_ptr + (slot * BLOCK_D + d[:, None]) * BLOCK_R + r[None, :], part)
+        tl.store(part_s_ptr + 2 * slot, tl.sum(tl.sum(tl.where(std, gq * wq, 0.0), axis=1), axis=0))
+        tl.store(part_s_ptr + 2 * slot + 1, tl.sum(tl.sum(p * wk_gq, axis=1), axis=0))
 
     @triton.jit
-    def _reduce_head(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
-                     du_ptr, dsd_ptr, h, d, r, C, n_cols, Ds, s_g0, s_g1, sqrt_d, gs_std, gs_rec, gs_disc,
-                     rec_threshold, D: tl.constexpr, R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     OUT_BIAS: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                     REDUCE_C: tl.constexpr, PREC: tl.constexpr):
-        """Head h's parameter gradients, summed over every column of [W | b]: dP, du, and dL/ds per gate."""
-        q0, k0 = h * D, C + h * D
-        wq_gk = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)  # W_q g_krec^T
-        wk_gq = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)  # W_k g_qrec^T (column R: du)
-        q_std = tl.zeros((BLOCK_D,), tl.float32)  # rows of sum(std * G_q * W_q)
-        for c0 in range(0, n_cols, REDUCE_C):
-            cols = c0 + tl.arange(0, REDUCE_C)
-            wq = _load_rows(W_ptr, b_ptr, q0 + d, d < D, cols, C, C, 1, HAS_BIAS)
-            wk = _load_rows(W_ptr, b_ptr, k0 + d, d < D, cols, C, C, 1, HAS_BIAS)
-            gq = _load_rows(G_ptr, gb_ptr, q0 + d, d < Ds, cols, C, s_g0, s_g1, OUT_BIAS)
-            g_krec, g_qrec = _rec_grad_rows(G_ptr, gb_ptr, q0, k0, Ds, r, cols, C, s_g0, s_g1, D, R,
-                                            OUT_BIAS, DISC)
-            wq_gk += tl.dot(wq, tl.trans(g_krec), input_precision=PREC)
-            wk_gq += tl.dot(wk, tl.trans(g_qrec), input_precision=PREC)
-            q_std += tl.sum(gq * wq, axis=1)  # gq is zero outside the standard rows
-        p = _load_p(P_ptr, h, d, r, D, R)
-        _, s_std = _gate(ss_ptr, h, gs_std, 0.0)
-        wr, s_rec = _gate(sr_ptr, h, gs_rec, rec_threshold)
-        rec_on = (s_rec * s_rec >= rec_threshold).to(tl.float32)
-        tl.store(dss_ptr + h, 2 * s_std * tl.sum(q_std, axis=0))
-        tl.store(dsr_ptr + h, 2 * s_rec * rec_on * tl.sum(p * wk_gq))
-        rec_mask = (d < D)[:, None] & (r < R)[None, :]
-        tl.store(dP_ptr + h * D * R + d[:, None] * R + r[None, :], wq_gk + wr * wk_gq, mask=rec_mask)
+    def _compose_bwd_finish(part_ptr, part_s_ptr, gb_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
+                            du_ptr, dsd_ptr, n_blocks, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
+                            D: tl.constexpr, R: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Head h, rows ROWS*j.. of the partial tiles: sum the column blocks' partials (one tile load, one
+        tl.sum, so the order is fixed and the result deterministic) into dP, du and the gate roots' grads."""
+        h, j = tl.program_id(0), tl.program_id(1)
+        n = tl.arange(0, BLOCK_N)
+        e = tl.arange(0, ROWS * BLOCK_R)
+        tile = tl.load(part_ptr + ((h * n_blocks + n[:, None]) * BLOCK_D + j * ROWS) * BLOCK_R + e[None, :],
+                       mask=(n < n_blocks)[:, None], other=0.0)
+        total = tl.sum(tile, axis=0)
+        d, r = j * ROWS + e // BLOCK_R, e % BLOCK_R
+        tl.store(dP_ptr + h * D * R + d * R + r, total, mask=(d < D) & (r < R))
         if DISC:
-            tl.store(du_ptr + h * D + d[:, None] + 0 * r[None, :], wk_gq, mask=(d < D)[:, None] & (r == R)[None, :])
-            _, s_disc = _gate(sd_ptr, h, gs_disc, 0.0)
-            g_bias = tl.load(gb_ptr + q0 + D - 1).to(tl.float32)  # dL/d(q~ bias of row D-1 = sqrt(D) w_disc)
-            tl.store(dsd_ptr + h, 2 * s_disc * sqrt_d * g_bias)
+            tl.store(du_ptr + h * D + d, total, mask=(d < D) & (r == R))
+        if j == 0:
+            sums = tl.load(part_s_ptr + 2 * (h * n_blocks + n), mask=n < n_blocks, other=0.0)
+            rec_sums = tl.load(part_s_ptr + 2 * (h * n_blocks + n) + 1, mask=n < n_blocks, other=0.0)
+            _, s_std = _gate(ss_ptr, h, gs_std, 0.0)
+            _, s_rec = _gate(sr_ptr, h, gs_rec, rec_threshold)
+            rec_on = (s_rec * s_rec >= rec_threshold).to(tl.float32)
+            tl.store(dss_ptr + h, 2 * s_std * tl.sum(sums, axis=0))
+            tl.store(dsr_ptr + h, 2 * s_rec * rec_on * tl.sum(rec_sums, axis=0))
+            if DISC:
+                _, s_disc = _gate(sd_ptr, h, gs_disc, 0.0)
+                g_bias = tl.load(gb_ptr + h * D + D - 1).to(tl.float32)  # dL/d(q~ bias of row D-1 = sqrt(D) w_disc)
+                tl.store(dsd_ptr + h, 2 * s_disc * sqrt_d * g_bias)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -244,16 +242,25 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = grad_bias.numel() > 0
     n_blocks = triton.cdiv(C + int(out_bias), BWD_BLOCK_C)
+    block_d, block_r = _block_d(D), _block_r(R, disc)
     dW, db, dP = torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(P)
     per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
     d_std, d_rec, d_disc = per_head(s_std), per_head(s_rec), per_head(s_disc)
     du = torch.empty_like(u)
-    wrap_triton(_compose_bwd)[(H + H * n_blocks,)](
-        grad, grad_bias.contiguous(), weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc,
-        dW, db, dP, d_std, d_rec, du, d_disc, C, C + int(out_bias), std_dim, H, n_blocks, *grad.stride(),
-        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
-        HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
-        BLOCK_C=BWD_BLOCK_C, REDUCE_C=REDUCE_BLOCK_C, PREC=REDUCE_PRECISION, num_warps=BWD_WARPS)
+    partials = weight.new_empty(H * n_blocks * block_d * block_r, dtype=torch.float32)
+    partial_sums = weight.new_empty(H * n_blocks * 2, dtype=torch.float32)
+    P, u, grad_bias = P.contiguous(), u.contiguous(), grad_bias.contiguous()
+    wrap_triton(_compose_bwd)[(H, n_blocks)](
+        grad, grad_bias, weight, bias, P, s_std, s_rec, u, dW, db, partials, partial_sums, C,
+        std_dim, *grad.stride(), _stride(s_std), _stride(s_rec), rec_threshold, D=D, R=R, HAS_BIAS=has_bias,
+        OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=BWD_BLOCK_C,
+        PREC=PARTIAL_PRECISION, num_warps=BWD_WARPS)
+    block_n = triton.next_power_of_2(n_blocks)
+    rows = max(1, min(block_d, FINISH_TILE // (block_n * block_r)))
+    wrap_triton(_compose_bwd_finish)[(H, block_d // rows)](
+        partials, partial_sums, grad_bias, s_std, s_rec, s_disc, dP, d_std, d_rec, du, d_disc, n_blocks,
+        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R, DISC=disc,
+        BLOCK_D=block_d, BLOCK_R=block_r, ROWS=rows, BLOCK_N=block_n, num_warps=FINISH_WARPS)
     return [dW, db, dP, d_std, d_rec, du, d_disc]
 
 
