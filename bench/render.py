@@ -65,16 +65,19 @@ def render_markdown(report) -> str:
                   f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
                   f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
                   f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
-                  f"{sw['steps_per_round']} steps; median round. ra-unified and ra-same-flop run their Triton "
+                  f"{sw['steps_per_round']} steps; ms/step is the median round, x baseline the median of per-round "
+                  "ratios to sdpa in the same round, with their quartiles (sdpa+again is a second baseline "
+                  "model: its ratio shows the noise). ra-unified and ra-same-flop run their Triton "
                   "kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain variant is "
                   "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
-                  "| variant | ms/step | tokens/s | x baseline | warm-up (compile) s |", "|---|---|---|---|---|"]
+                  "| variant | ms/step | tokens/s | x baseline | quartiles | warm-up (compile) s |",
+                  "|---|---|---|---|---|---|"]
         for name, r in report["step"]["variants"].items():
             if "skipped" in r:
-                lines.append(f"| {name} | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
                 continue
             lines.append(f"| {name} | {fmt(r.get('ms_per_step'), '.2f')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-                         f"{fmt(r.get('ratio'), '.4f', 'x')} | {fmt(r.get('warmup_s'), '.1f')} |")
+                         f"{fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | {fmt(r.get('warmup_s'), '.1f')} |")
         lines.append("")
     if report.get("step-accum"):
         lines += step_accum_lines(report["step-accum"])
@@ -86,6 +89,13 @@ def render_markdown(report) -> str:
     lines += ladder_and_goal_lines(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def quartiles(r):
+    """The per-round ratios' quartiles, "q1 - q3" (reports from before they were recorded have none)."""
+    if r.get("ratio_q1") is None:
+        return "n/a"
+    return f"{r['ratio_q1']:.4f} - {r['ratio_q3']:.4f}"
 
 
 def gate_lines(g):
@@ -195,17 +205,17 @@ def step_accum_lines(sa):
              "clip 1.0. ra-unified composes its QKV weight once per optimizer step (cached composition, as "
              "single-process training does; under DDP it composes per micro-step). All variants built and warmed "
              f"up first, then {sw['rounds']} interleaved rounds of {sw['steps_per_round']} optimizer steps; median "
-             "round.", "",
-             "| variant | ms/optimizer step | ms/micro-step | tokens/s | x baseline | cached composition | "
-             "warm-up (compile) s |", "|---|---|---|---|---|---|---|"]
+             "round, and the median of per-round ratios with their quartiles.", "",
+             "| variant | ms/optimizer step | ms/micro-step | tokens/s | x baseline | quartiles | cached composition | "
+             "warm-up (compile) s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in sa["variants"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
             continue
         ms = r.get("ms_per_step")
         cached = {True: "yes", False: "no"}.get(r.get("cached_composition"), "n/a")
         lines.append(f"| {name} | {fmt(ms, '.2f')} | {fmt(ms / sw['accum'] if ms else None, '.2f')} | "
-                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {cached} | "
+                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | {cached} | "
                      f"{fmt(r.get('warmup_s'), '.1f')} |")
     return lines + [""]
 

@@ -4,8 +4,10 @@ step        one micro-batch per optimizer step (forward, backward, clip, fused A
 step-accum  the trainer's own optimizer step (gpt2.step.TrainStep) with gradient accumulation: for
             ra-unified the micro-steps run inside cached_composition, so the QKV weight is composed once per
             optimizer step, as single-process training does
-All variants are built and warmed up (compiled) first, then timed in interleaved rounds; the median round
-counts (wall clock).
+All variants are built and warmed up (compiled) first, then timed in interleaved rounds (wall clock). A
+variant's ratio is the median over rounds of its time over sdpa's in the same round, so drift between rounds
+(the GPU's clock sags as it warms) cancels; the quartiles of those per-round ratios are reported with it.
+Each round starts one variant later than the last, so no variant always runs right after the same one.
 """
 
 import re
@@ -22,8 +24,9 @@ from .common import NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings
 
 # Whole-step variants, in the order they are compiled (the goal backends first, in case the budget runs out).
 # ra-reference is left out: its T x T tensors for 12 layers at batch 16 are slow by design.
-STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "ra-unified+plain", "ra-same-flop+plain", "ra-fold-full",
-                 "ra-fold-lowrank", "ra-unified+disc"]
+# "sdpa+again" is a second, separately built baseline: its ratio (ideally 1) shows the measurement's noise.
+STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "sdpa+again", "ra-unified+plain", "ra-same-flop+plain",
+                 "ra-fold-full", "ra-fold-lowrank", "ra-unified+disc"]
 ACCUM_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop"]
 COMPILE_ESTIMATE_S = 75  # per variant; variants that would start compiling too late are skipped
 
@@ -123,8 +126,9 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
         if r is not None:
             built[variant] = r[0]
             results[variant] = {"warmup_s": r[1], "rounds_ms": []}
-    for _ in range(rounds):
-        for variant, step in list(built.items()):
+    for i in range(rounds):
+        order = list(built.items())
+        for variant, step in order[i % len(order):] + order[:i % len(order)]:  # rotated: no fixed neighbour
             def timed():
                 bench.sync()
                 t0 = time.perf_counter()
@@ -142,16 +146,21 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
 
 
 def summarize(results, tokens_per_step):
-    """Median round, tokens/s and the ratio to sdpa, per variant (in place)."""
-    base = statistics.median(results["sdpa"]["rounds_ms"]) if results.get("sdpa", {}).get("rounds_ms") else None
+    """Median round, tokens/s, and the ratio to sdpa (median and quartiles of per-round ratios), in place."""
+    base = results.get("sdpa", {}).get("rounds_ms")
     for r in results.values():
-        if r.get("rounds_ms"):
-            r["ms_per_step"] = statistics.median(r["rounds_ms"])
-            r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000)
-            r["ratio"] = r["ms_per_step"] / base if base else None
+        if not r.get("rounds_ms"):
+            continue
+        r["ms_per_step"] = statistics.median(r["rounds_ms"])
+        r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000)
+        if base:
+            ratios = [ms / b for ms, b in zip(r["rounds_ms"], base)]
+            r["ratio"] = statistics.median(ratios)
+            r["ratio_q1"], _, r["ratio_q3"] = (statistics.quantiles(ratios, n=4, method="inclusive")
+                                               if len(ratios) > 1 else (ratios[0], None, ratios[0]))
 
 
-def run_step_section(bench, w, variants, warmup=3, rounds=5, steps=10, profile_dir=None, profile_variants=()):
+def run_step_section(bench, w, variants, warmup=3, rounds=15, steps=10, profile_dir=None, profile_variants=()):
     """One micro-batch per optimizer step, every variant."""
     if bench.smoke:
         warmup, rounds, steps = 1, 1, 1
