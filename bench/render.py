@@ -65,9 +65,10 @@ def render_markdown(report) -> str:
                   f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
                   f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
                   f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
-                  f"{sw['steps_per_round']} steps; ms/step is the median round, x baseline the median of per-round "
-                  "ratios to sdpa in the same round, with their quartiles (sdpa+again is a second baseline "
-                  "model: its ratio shows the noise). ra-unified and ra-same-flop run their Triton "
+                  f"{sw['steps_per_round']} steps; ms/step is the median round. In each round sdpa is timed before and "
+                  "after every other variant; x baseline is the median over rounds of the variant's time over the "
+                  "mean of those two sdpa timings (the GPU clock drifts as it warms), with the quartiles (sdpa+again "
+                  "is a second, separately built baseline: its ratio shows the noise). ra-unified and ra-same-flop run their Triton "
                   "kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain variant is "
                   "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
                   "| variant | ms/step | tokens/s | x baseline | quartiles | warm-up (compile) s |",
@@ -205,7 +206,7 @@ def step_accum_lines(sa):
              "clip 1.0. ra-unified composes its QKV weight once per optimizer step (cached composition, as "
              "single-process training does; under DDP it composes per micro-step). All variants built and warmed "
              f"up first, then {sw['rounds']} interleaved rounds of {sw['steps_per_round']} optimizer steps; median "
-             "round, and the median of per-round ratios with their quartiles.", "",
+             "round; x baseline as in the step section (each timing over the sdpa timings around it).", "",
              "| variant | ms/optimizer step | ms/micro-step | tokens/s | x baseline | quartiles | cached composition | "
              "warm-up (compile) s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in sa["variants"].items():

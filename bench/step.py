@@ -4,10 +4,11 @@ step        one micro-batch per optimizer step (forward, backward, clip, fused A
 step-accum  the trainer's own optimizer step (gpt2.step.TrainStep) with gradient accumulation: for
             ra-unified the micro-steps run inside cached_composition, so the QKV weight is composed once per
             optimizer step, as single-process training does
-All variants are built and warmed up (compiled) first, then timed in interleaved rounds (wall clock). A
-variant's ratio is the median over rounds of its time over sdpa's in the same round, so drift between rounds
-(the GPU's clock sags as it warms) cancels; the quartiles of those per-round ratios are reported with it.
-Each round starts one variant later than the last, so no variant always runs right after the same one.
+All variants are built and warmed up (compiled) first, then timed in rounds (wall clock). In a round sdpa
+brackets every other variant (sdpa, v1, sdpa, v2, ..., sdpa), and each timing of a variant is divided by the
+mean of the two sdpa timings around it: the GPU's clock drifts by ~1-3% as it warms, and a ratio to the
+neighbours cancels that. A variant's ratio is the median of those bracketed ratios over rounds, reported
+with their quartiles; the variant order rotates from round to round.
 """
 
 import re
@@ -28,6 +29,7 @@ from .common import NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings
 STEP_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop", "sdpa+again", "ra-unified+plain", "ra-same-flop+plain",
                  "ra-fold-full", "ra-fold-lowrank", "ra-unified+disc"]
 ACCUM_VARIANTS = ["sdpa", "ra-unified", "ra-same-flop"]
+BASELINE = "sdpa"
 COMPILE_ESTIMATE_S = 75  # per variant; variants that would start compiling too late are skipped
 
 
@@ -127,8 +129,18 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
             built[variant] = r[0]
             results[variant] = {"warmup_s": r[1], "rounds_ms": []}
     for i in range(rounds):
-        order = list(built.items())
-        for variant, step in order[i % len(order):] + order[:i % len(order)]:  # rotated: no fixed neighbour
+        # sdpa brackets every other variant (sdpa, v1, sdpa, v2, ..., sdpa): each variant is compared with
+        # the mean of the sdpa timings just before and after it, which cancels the GPU clock's drift.
+        others = [v for v in built if v != BASELINE]
+        others = others[i % len(others):] + others[:i % len(others)] if others else []  # rotated each round
+        sequence = [v for other in others for v in (BASELINE, other)] + [BASELINE] if BASELINE in built else others
+        times = []
+        for variant in sequence:
+            if variant not in built:
+                times.append(None)
+                continue
+            step = built[variant]
+
             def timed():
                 bench.sync()
                 t0 = time.perf_counter()
@@ -138,23 +150,28 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
                 return 1000 * (time.perf_counter() - t0) / steps
 
             ms = bench.attempt(f"{label} {variant} (timing)", timed)
+            times.append(ms)
             if ms is None:
                 del built[variant]
             else:
                 results[variant]["rounds_ms"].append(ms)
+        for j, variant in enumerate(sequence):
+            if variant != BASELINE and times[j] is not None and BASELINE in built:
+                before, after = times[j - 1], times[j + 1]
+                if before is not None and after is not None:
+                    results[variant].setdefault("round_ratios", []).append(times[j] / ((before + after) / 2))
     return results, built
 
 
 def summarize(results, tokens_per_step):
-    """Median round, tokens/s, and the ratio to sdpa (median and quartiles of per-round ratios), in place."""
-    base = results.get("sdpa", {}).get("rounds_ms")
-    for r in results.values():
+    """Median round, tokens/s, and the ratio to sdpa (median and quartiles of the bracketed ratios), in place."""
+    for variant, r in results.items():
         if not r.get("rounds_ms"):
             continue
         r["ms_per_step"] = statistics.median(r["rounds_ms"])
         r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000)
-        if base:
-            ratios = [ms / b for ms, b in zip(r["rounds_ms"], base)]
+        ratios = [1.0] if variant == BASELINE else r.get("round_ratios")
+        if ratios:
             r["ratio"] = statistics.median(ratios)
             r["ratio_q1"], _, r["ratio_q3"] = (statistics.quantiles(ratios, n=4, method="inclusive")
                                                if len(ratios) > 1 else (ratios[0], None, ratios[0]))

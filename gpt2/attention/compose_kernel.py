@@ -39,7 +39,7 @@ from .triton_support import HAVE_TRITON, tl, triton
 FWD_BLOCK_C, FWD_WARPS = 32, 4
 BWD_BLOCK_C, BWD_WARPS = 16, 4
 PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy from three tf32 tensor-core dots
-FINISH_TILE, FINISH_WARPS = 4096, 4  # elements of partials each finishing program sums at once
+FINISH_TILE, FINISH_WARPS = 1024, 1  # elements of partials each finishing program sums at once
 
 
 def _block_d(D: int) -> int:
