@@ -105,6 +105,32 @@ def profile_step(step, variant, out_dir, steps=3):
     atomic_write_text(path, f"{variant}: {steps} steps\n{table}\n")
 
 
+def bracket_sequence(variants, round_index):
+    """The timing order of one round: sdpa before and after every other variant (sdpa, v1, sdpa, v2, ...,
+    sdpa), the others rotated by the round index so none always follows the same one. Without sdpa, the
+    variants alone."""
+    others = [v for v in variants if v != BASELINE]
+    if others:
+        shift = round_index % len(others)
+        others = others[shift:] + others[:shift]
+    if BASELINE not in variants:
+        return others
+    return [v for other in others for v in (BASELINE, other)] + [BASELINE]
+
+
+def bracketed_ratios(sequence, times):
+    """[(variant, its time / mean of the sdpa times just before and after it)] for one round; timings that
+    failed (None) give no ratio. The GPU clock drifts as it warms: a ratio to the neighbours cancels that."""
+    ratios = []
+    for j, variant in enumerate(sequence):
+        if variant == BASELINE or times[j] is None or not 0 < j < len(sequence) - 1:
+            continue
+        before, after = times[j - 1], times[j + 1]
+        if sequence[j - 1] == sequence[j + 1] == BASELINE and before is not None and after is not None:
+            ratios.append((variant, times[j] / ((before + after) / 2)))
+    return ratios
+
+
 def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
     """Build and warm up (compile) every variant, then time them in interleaved rounds.
     -> (results {variant: {warmup_s, rounds_ms} or {skipped}}, built {variant: step})"""
@@ -129,14 +155,10 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
             built[variant] = r[0]
             results[variant] = {"warmup_s": r[1], "rounds_ms": []}
     for i in range(rounds):
-        # sdpa brackets every other variant (sdpa, v1, sdpa, v2, ..., sdpa): each variant is compared with
-        # the mean of the sdpa timings just before and after it, which cancels the GPU clock's drift.
-        others = [v for v in built if v != BASELINE]
-        others = others[i % len(others):] + others[:i % len(others)] if others else []  # rotated each round
-        sequence = [v for other in others for v in (BASELINE, other)] + [BASELINE] if BASELINE in built else others
+        sequence = bracket_sequence(list(built), i)
         times = []
         for variant in sequence:
-            if variant not in built:
+            if variant not in built:  # failed earlier in this round
                 times.append(None)
                 continue
             step = built[variant]
@@ -155,11 +177,8 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
                 del built[variant]
             else:
                 results[variant]["rounds_ms"].append(ms)
-        for j, variant in enumerate(sequence):
-            if variant != BASELINE and times[j] is not None and BASELINE in built:
-                before, after = times[j - 1], times[j + 1]
-                if before is not None and after is not None:
-                    results[variant].setdefault("round_ratios", []).append(times[j] / ((before + after) / 2))
+        for variant, ratio in bracketed_ratios(sequence, times):
+            results[variant].setdefault("round_ratios", []).append(ratio)
     return results, built
 
 

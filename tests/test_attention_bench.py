@@ -62,3 +62,23 @@ def test_smoke_run_writes_the_report(tmp_path):
     md = (tmp_path / "attention-cpu-smoke.md").read_text()
     assert "## Whole training step" in md and "## SDPA kernels" in md and "Merged report: " in md
     assert "8 micro-batches" not in md and "2 micro-batches per optimizer step" in md
+
+
+def test_each_variant_is_timed_between_two_baseline_timings():
+    from bench.step import bracket_sequence, bracketed_ratios
+
+    variants = ["sdpa", "a", "b", "c"]
+    assert bracket_sequence(variants, 0) == ["sdpa", "a", "sdpa", "b", "sdpa", "c", "sdpa"]
+    assert bracket_sequence(variants, 1) == ["sdpa", "b", "sdpa", "c", "sdpa", "a", "sdpa"]
+    assert bracket_sequence(variants, 3) == bracket_sequence(variants, 0)
+    assert bracket_sequence(["a", "b"], 1) == ["b", "a"]  # no baseline: no brackets, no ratios
+    assert bracketed_ratios(["b", "a"], [1.0, 2.0]) == []
+
+    # A baseline drifting 10 -> 12 ms over the round: a variant 5% slower than its neighbours reads 1.05.
+    sequence = bracket_sequence(variants, 0)
+    times = [10.0, 10.5 * 1.05, 11.0, 11.5, 12.0, None, 12.0]  # b costs what sdpa costs; c's timing failed
+    ratios = dict(bracketed_ratios(sequence, times))
+    assert set(ratios) == {"a", "b"}
+    assert ratios["a"] == pytest.approx(1.05) and ratios["b"] == pytest.approx(1.0)
+    times[2] = None  # a failed baseline timing takes the ratios on both sides with it
+    assert bracketed_ratios(sequence, times) == []
