@@ -140,6 +140,11 @@ def ladder_and_goal_lines(report):
     for name, v in report["goals"].items():
         verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "missed")
         lines.append(f"| {name} | {fmt(v['value'], '.3f')} | {verdict} |")
+    control = ((report.get("step") or {}).get("variants") or {}).get("sdpa+again", {})
+    if control.get("ratio") is not None:
+        lines += ["", f"Resolution of the whole-step ratios: the A/A control (sdpa+again, a second baseline model) "
+                      f"measured {control['ratio']:.4f}x (quartiles {quartiles(control)}) in the same run. A "
+                      "whole-step verdict closer to its limit than that is within the measurement's noise."]
     if report["errors"]:
         lines += ["", "## Failures", ""]
         for e in report["errors"]:

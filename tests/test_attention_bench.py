@@ -38,8 +38,9 @@ def test_smoke_run_writes_the_report(tmp_path):
     md = (tmp_path / "attention-cpu-smoke.md").read_text()
     for heading in ("## SDPA kernels", "## Attention op", "## Whole training step", "## Gate scaling", "## KV-pruning",
                     "## Whole optimizer step with gradient accumulation", "original study's optimisation ladder",
-                    "## Goals"):
+                    "## Goals", "Resolution of the whole-step ratios: the A/A control"):
         assert heading in md
+    assert report["step"]["variants"]["sdpa+again"]["ratio"] is not None
     accum = report["step-accum"]
     assert accum["workload"]["accum"] == 8 and set(accum["variants"]) == {"sdpa", "ra-unified", "ra-same-flop"}
     assert accum["variants"]["ra-unified"]["cached_composition"] is True
