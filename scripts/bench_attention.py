@@ -64,6 +64,8 @@ def parse_args(argv):
                              + ",".join(DEFAULT_SECTIONS) + "); the other sections of the existing report are kept")
     parser.add_argument("--skip-step", action="store_true", help="leave out the whole-training-step section")
     parser.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step in step-accum")
+    parser.add_argument("--step-rounds", type=int, default=15,
+                        help="timing rounds of the step section (each times every variant once, 10 steps)")
     parser.add_argument("--profile", default="", metavar="VARIANTS",
                         help="comma-separated whole-step variants whose kernel table (CUDA) is written to the "
                              "output directory as profile-<variant>.txt")
@@ -76,6 +78,8 @@ def parse_args(argv):
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args.accum < 1:
         parser.error(f"--accum {args.accum} must be >= 1")
+    if args.step_rounds < 1:
+        parser.error(f"--step-rounds {args.step_rounds} must be >= 1")
     if args.skip_step:
         sections.discard("step")
     return args, sections
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
         "layer": lambda: run_op_section(bench, w, "layer"),
         "gates": lambda: run_gate_section(bench, w),
         "kv": lambda: run_kv_section(bench, w),
-        "step": lambda: run_step_section(bench, w, variants, profile_dir=args.out_dir if args.profile else None,
+        "step": lambda: run_step_section(bench, w, variants, rounds=args.step_rounds,
+                                         profile_dir=args.out_dir if args.profile else None,
                                          profile_variants=args.profile.split(",")),
         "step-accum": lambda: run_step_accum_section(bench, w, args.accum),
     }
