@@ -61,15 +61,19 @@ if HAVE_TRITON:
         return tl.load(p_ptr + h * D * R + d[:, None] * R + r[None, :], mask=mask, other=0.0).to(ACC)
 
     @triton.jit
+    def _program_tile(BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's (token tile, batch, head) and its index ranges: token rows, head dims, rank columns."""
+        pid_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        return pid_t, b, h, rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_R)
+
+    @triton.jit
     def _fold_fwd_kernel(q_ptr, k_ptr, p_ptr, ws_ptr, wr_ptr, u_ptr, wd_ptr, qt_ptr, kt_ptr,
                          T, D, R, DS, sqrt_d,
                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, so_b, so_h, so_t, so_d,
                          DISC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-        pid_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_D)
-        rc = tl.arange(0, BLOCK_R)
+        pid_t, b, h, rows, cols, rc = _program_tile(BLOCK_T, BLOCK_D, BLOCK_R)
         q = _load_tile(q_ptr, b, h, rows, cols, cols < D, T, sq_b, sq_h, sq_t, sq_d, ACC)
         k = _load_tile(k_ptr, b, h, rows, cols, cols < D, T, sk_b, sk_h, sk_t, sk_d, ACC)
         P = _load_p(p_ptr, h, D, R, BLOCK_D, BLOCK_R, ACC)
@@ -99,10 +103,7 @@ if HAVE_TRITON:
                          sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, so_b, so_h, so_t, so_d,
                          DISC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-        pid_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_D)
-        rc = tl.arange(0, BLOCK_R)
+        pid_t, b, h, rows, cols, rc = _program_tile(BLOCK_T, BLOCK_D, BLOCK_R)
         # Rows past T (and padded columns) load as zeros, so they add nothing to the partial sums below.
         G = _load_tile(gq_ptr, b, h, rows, cols, cols < D, T, sg_b, sg_h, sg_t, sg_d, ACC)
         K = _load_tile(gk_ptr, b, h, rows, cols, cols < D, T, sh_b, sh_h, sh_t, sh_d, ACC)
