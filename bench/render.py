@@ -68,8 +68,9 @@ def render_markdown(report) -> str:
                   f"{sw['steps_per_round']} steps; ms/step is the median round. In each round sdpa is timed before and "
                   "after every other variant; x baseline is the median over rounds of the variant's time over the "
                   "mean of those two sdpa timings (the GPU clock drifts as it warms), with the quartiles (sdpa+again "
-                  "is a second, separately built baseline: its ratio shows the noise). ra-unified and ra-same-flop run their Triton "
-                  "kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain variant is "
+                  "is a second, separately built baseline: its ratio shows the noise). ra-unified and ra-same-flop "
+                  "run their Triton kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain "
+                  "variant is "
                   "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
                   "| variant | ms/step | tokens/s | x baseline | quartiles | warm-up (compile) s |",
                   "|---|---|---|---|---|---|"]
@@ -225,8 +226,8 @@ def step_accum_lines(sa):
         ms = r.get("ms_per_step")
         cached = {True: "yes", False: "no"}.get(r.get("cached_composition"), "n/a")
         lines.append(f"| {name} | {fmt(ms, '.2f')} | {fmt(ms / sw['accum'] if ms else None, '.2f')} | "
-                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | {cached} | "
-                     f"{fmt(r.get('warmup_s'), '.1f')} |")
+                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | "
+                     f"{cached} | {fmt(r.get('warmup_s'), '.1f')} |")
     return lines + [""]
 
 

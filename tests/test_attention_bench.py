@@ -96,7 +96,8 @@ def test_a_whole_step_verdict_inside_the_a_a_noise_says_so():
               "goals": {"ra-unified whole step <= 1.005x": goal(1.001),
                         "ra-same-flop whole step <= 1.005x": goal(1.059),
                         "ra-unified whole optimizer step <= 1.005x (grad accum)": goal(1.001)}}
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in ladder_and_goal_lines(report) if line.startswith("| ra-")}
+    lines = ladder_and_goal_lines(report)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ra-")}
     assert rows["ra-unified whole step <= 1.005x"].endswith("| met (within the A/A noise) |")
     assert rows["ra-same-flop whole step <= 1.005x"].endswith("| missed |")
     assert rows["ra-unified whole optimizer step <= 1.005x (grad accum)"].endswith("| met |")  # no control there
