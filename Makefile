@@ -75,7 +75,8 @@ $(TRITON_DIR)/.installed: | $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(TRITON_DIR) triton==3.9.0 && touch $@
 
 test-kernels: $(TRITON_DIR)/.installed ## the Triton kernels (and the RA backends through them) on CPU, interpreted
-	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_compose_kernel.py tests/test_same_flop_kernel.py tests/test_attention.py
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_compose_kernel.py tests/test_same_flop_kernel.py tests/test_fold_traffic.py \
+		tests/test_attention.py
 
 help: | $(STAMP) ## this list, the presets and the environment overrides
 	@$(PY) scripts/config.py help

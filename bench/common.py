@@ -51,7 +51,11 @@ def workload(smoke: bool) -> dict:
 
 
 def apply_variant_flags(model, variant):
-    """"+plain" variants switch the Triton kernels off, so both paths are measured side by side."""
+    """"+plain" variants switch the Triton kernels off, so both paths are measured side by side;
+    "sdpa+fold-traffic" adds an activation-level fold's memory traffic to the baseline (fold_traffic.py)."""
+    if variant.endswith("+fold-traffic"):
+        from .fold_traffic import add_fold_traffic
+        return add_fold_traffic(model)
     if variant.endswith("+plain"):
         for m in model.modules():
             if hasattr(m, "use_kernels"):
