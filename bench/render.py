@@ -1,5 +1,7 @@
 """The report as text: report.md (one table per section, the ladder, the goals) and the PNG."""
 
+import math
+
 from lib.runs import atomic_write_json, atomic_write_text
 
 from .common import MODES
@@ -65,10 +67,13 @@ def render_markdown(report) -> str:
                   f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
                   f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
                   f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
-                  f"{sw['steps_per_round']} steps; ms/step is the median round. In each round sdpa is timed before and "
+                  f"{sw['steps_per_round']} steps (each after one untimed step of the same model, so that switching "
+                  "models is charged to no one); ms/step is the median round. In each round sdpa is timed before and "
                   "after every other variant; x baseline is the median over rounds of the variant's time over the "
                   "mean of those two sdpa timings (the GPU clock drifts as it warms), with the quartiles (sdpa+again "
-                  "is a second, separately built baseline: its ratio shows the noise). ra-unified and ra-same-flop "
+                  "is a second, separately built baseline: its ratio shows the noise; sdpa+fold-traffic is the baseline "
+                  "plus only the bytes an activation-level fold such as ra-same-flop's must move, with no arithmetic: "
+                  "the floor of that design). ra-unified and ra-same-flop "
                   "run their Triton kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain "
                   "variant is "
                   "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
@@ -91,6 +96,19 @@ def render_markdown(report) -> str:
     lines += ladder_and_goal_lines(report)
     lines.append("")
     return "\n".join(lines)
+
+
+def step_resolution(control):
+    """How finely a whole-step median ratio resolves, from the A/A control (None without one): the larger of
+    its median's distance from 1 (a bias between two builds of one model) and the standard error of a median
+    of n ratios with its spread (1.2533 sigma / sqrt(n), sigma = interquartile range / 1.349 for a normal)."""
+    if control.get("ratio") is None:
+        return None
+    n = len(control.get("round_ratios") or [])
+    spread = 0.0
+    if n > 1 and control.get("ratio_q1") is not None:
+        spread = 1.2533 * (control["ratio_q3"] - control["ratio_q1"]) / 1.349 / math.sqrt(n)
+    return max(abs(control["ratio"] - 1), spread)
 
 
 def quartiles(r):
@@ -139,7 +157,7 @@ def ladder_and_goal_lines(report):
                      f"{fmt(row['ours'], '.2f', 'x')} |")
     lines += ["", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
     control = ((report.get("step") or {}).get("variants") or {}).get("sdpa+again", {})
-    noise = abs(control["ratio"] - 1) if control.get("ratio") is not None else None
+    noise = step_resolution(control)
     for name, v in report["goals"].items():
         verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "missed")
         near = noise is not None and v["met"] is not None and abs(v["value"] - v["goal"]) < noise
@@ -148,8 +166,16 @@ def ladder_and_goal_lines(report):
         lines.append(f"| {name} | {fmt(v['value'], '.3f')} | {verdict} |")
     if noise is not None:
         lines += ["", f"Resolution of the whole-step ratios: the A/A control (sdpa+again, a second baseline model) "
-                      f"measured {control['ratio']:.4f}x (quartiles {quartiles(control)}) in the same run. A "
-                      "whole-step verdict closer to its limit than that is within the measurement's noise."]
+                      f"measured {control['ratio']:.4f}x (quartiles {quartiles(control)}) in the same run, so a "
+                      f"median ratio resolves about +-{100 * noise:.2f}% (the larger of the control's distance from 1 "
+                      "and the standard error of a median of that spread). A whole-step verdict closer to its limit "
+                      "than that is within the measurement's noise."]
+    floor = ((report.get("step") or {}).get("variants") or {}).get("sdpa+fold-traffic", {})
+    if floor.get("ratio") is not None:
+        lines += ["", f"Floor of an activation-level fold: sdpa+fold-traffic (the baseline plus the fold's memory "
+                      f"traffic, no arithmetic) measured {floor['ratio']:.4f}x (quartiles {quartiles(floor)}). That is what the fold's bytes "
+                      "alone cost with ra-same-flop's tiles and launches: better arithmetic in its fold kernels cannot "
+                      "take it below that line."]
     if report["errors"]:
         lines += ["", "## Failures", ""]
         for e in report["errors"]:

@@ -103,3 +103,20 @@ def test_a_whole_step_verdict_inside_the_a_a_noise_says_so():
     assert rows["ra-unified whole optimizer step <= 1.005x (grad accum)"].endswith("| met |")  # no control there
     report["step"]["variants"] = {}
     assert not any("A/A" in line for line in ladder_and_goal_lines(report))
+
+
+def test_the_resolution_counts_the_a_a_spread_not_only_its_median():
+    """A control whose median sits at 1 but whose rounds scatter still leaves a verdict near its limit unresolved:
+    the standard error of a median of 16 ratios with quartiles 0.98-1.02 is 1.2533 * 0.04/1.349 / 4 = 0.93%."""
+    from bench.render import ladder_and_goal_lines, step_resolution
+
+    control = {"ratio": 1.0003, "ratio_q1": 0.98, "ratio_q3": 1.02, "round_ratios": [1.0] * 16}
+    assert abs(step_resolution(control) - 0.0093) < 1e-4
+    assert step_resolution({**control, "ratio": 0.98}) == pytest.approx(0.02)  # a bias beyond the spread
+    assert step_resolution({"ratio": 0.999, "ratio_q1": 0.999, "ratio_q3": 0.999, "round_ratios": [0.999]}) == \
+        pytest.approx(0.001)  # one round: no spread to count
+    report = {"ladder": [], "errors": [], "step": {"variants": {"sdpa+again": control}},
+              "goals": {"ra-unified whole step <= 1.005x": {"value": 1.002, "goal": 1.005, "met": True}}}
+    lines = ladder_and_goal_lines(report)
+    assert any(line.endswith("| met (within the A/A noise) |") for line in lines)
+    assert any("resolves about +-0.93%" in line for line in lines)
