@@ -167,9 +167,9 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
             step = built[variant]
 
             def timed():
-                # One untimed step first: the first step after switching models pays for the switch (the
-                # caching allocator re-splits its blocks, caches are cold), and that must not be charged to
-                # whichever model happens to run next.
+                # One untimed step first, so that whatever switching models costs is charged to no one's
+                # timing (on an H100 the first step of ra-same-flop after a switch took ~0.3-0.4 ms longer;
+                # for the other variants the difference was inside the per-step noise).
                 step()
                 bench.sync()
                 t0 = time.perf_counter()
