@@ -67,16 +67,16 @@ def render_markdown(report) -> str:
                   f"GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} heads), T={sw['block_size']}, batch "
                   f"{sw['batch_size']}, compile {'on' if sw['compile'] else 'off'}, fused AdamW, grad clip 1.0. "
                   f"All variants built and warmed up first, then {sw['rounds']} interleaved rounds of "
-                  f"{sw['steps_per_round']} steps (each after one untimed step of the same model, so that any cost of "
-                  "switching models is charged to no one); ms/step is the median round. In each round sdpa is timed before and "
-                  "after every other variant; x baseline is the median over rounds of the variant's time over the "
-                  "mean of those two sdpa timings (the GPU clock drifts as it warms), with the quartiles (sdpa+again "
-                  "is a second, separately built baseline: its ratio shows the noise; sdpa+fold-traffic is the baseline "
-                  "plus only the bytes an activation-level fold such as ra-same-flop's must move, with no arithmetic: "
-                  "the floor of that design). ra-unified and ra-same-flop "
-                  "run their Triton kernels (weight composition, resp. the q~/k~ fold, one kernel each way); a +plain "
-                  "variant is "
-                  "the same backend with the kernels switched off (its torch code, compiled by inductor).", "",
+                  f"{sw['steps_per_round']} steps (each after one untimed step of the same model, so that any "
+                  "cost of switching models is charged to no one); ms/step is the median round. In each round sdpa "
+                  "is timed before and after every other variant; x baseline is the median over rounds of the "
+                  "variant's time over the mean of those two sdpa timings (the GPU clock drifts as it warms), with "
+                  "the quartiles (sdpa+again is a second, separately built baseline: its ratio shows the noise; "
+                  "sdpa+fold-traffic is the baseline plus only the bytes an activation-level fold such as "
+                  "ra-same-flop's must move, with no arithmetic: the floor of that design). ra-unified and "
+                  "ra-same-flop run their Triton kernels (weight composition, resp. the q~/k~ fold, one kernel each "
+                  "way); a +plain variant is the same backend with the kernels switched off (its torch code, "
+                  "compiled by inductor).", "",
                   "| variant | ms/step | tokens/s | x baseline | quartiles | warm-up (compile) s |",
                   "|---|---|---|---|---|---|"]
         for name, r in report["step"]["variants"].items():
@@ -156,7 +156,8 @@ def ladder_and_goal_lines(report):
         lines.append(f"| {row['rung']} | {row['original']}x | {row['backend']} ({row['kind']}) | "
                      f"{fmt(row['ours'], '.2f', 'x')} |")
     lines += ["", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
-    control = ((report.get("step") or {}).get("variants") or {}).get("sdpa+again", {})
+    step_variants = (report.get("step") or {}).get("variants") or {}
+    control = step_variants.get("sdpa+again", {})
     noise = step_resolution(control)
     for name, v in report["goals"].items():
         verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "missed")
@@ -170,12 +171,12 @@ def ladder_and_goal_lines(report):
                       f"median ratio resolves about +-{100 * noise:.2f}% (the larger of the control's distance from 1 "
                       "and the standard error of a median of that spread). A whole-step verdict closer to its limit "
                       "than that is within the measurement's noise."]
-    floor = ((report.get("step") or {}).get("variants") or {}).get("sdpa+fold-traffic", {})
+    floor = step_variants.get("sdpa+fold-traffic", {})
     if floor.get("ratio") is not None:
         lines += ["", f"Floor of an activation-level fold: sdpa+fold-traffic (the baseline plus the fold's memory "
-                      f"traffic, no arithmetic) measured {floor['ratio']:.4f}x (quartiles {quartiles(floor)}). That is what the fold's bytes "
-                      "alone cost with ra-same-flop's tiles and launches: better arithmetic in its fold kernels cannot "
-                      "take it below that line."]
+                      f"traffic, no arithmetic) measured {floor['ratio']:.4f}x (quartiles {quartiles(floor)}). "
+                      "That is what the fold's bytes alone cost with ra-same-flop's tiles and launches: better "
+                      "arithmetic in its fold kernels cannot take it below that line."]
     if report["errors"]:
         lines += ["", "## Failures", ""]
         for e in report["errors"]:
