@@ -12,59 +12,59 @@ DEFAULT_PRESET := cpu-default
         olddefconfig listnewconfig showconfig bench-train bench-attention test test-kernels help venv clean-venv
 
 run: .config | $(STAMP) ## train, or run the test matrix when the config is a matrix
-	$(PY) scripts/run.py --config .config
+	$(PY) -m scripts.run --config .config
 
 train: .config | $(STAMP) ## one training run of .config (even when it is a matrix preset)
-	$(PY) scripts/run.py --config .config --single
+	$(PY) -m scripts.run --config .config --single
 
 resume: .config | $(STAMP) ## resume the newest single run (RUN=<dir> to choose) with its remaining budget
-	$(PY) scripts/run.py --config .config --resume $(RUN)
+	$(PY) -m scripts.run --config .config --resume $(RUN)
 
 data: .config | $(STAMP) ## prepare the dataset of .config (done automatically by make)
-	$(PY) scripts/prepare_data.py --config .config
+	$(PY) -m scripts.prepare_data --config .config
 
 matrix: .config | $(STAMP) ## run the matrix of .config (DEFCONFIGS="a b" compares whole presets)
-	$(PY) scripts/matrix.py run --config .config --defconfigs "$(DEFCONFIGS)"
+	$(PY) -m scripts.matrix run --config .config --defconfigs "$(DEFCONFIGS)"
 
 check: .config | $(STAMP) ## dry run: print the matrix plan and run each cell a few steps on a tiny model
-	$(PY) scripts/matrix.py check --config .config --defconfigs "$(DEFCONFIGS)"
+	$(PY) -m scripts.matrix check --config .config --defconfigs "$(DEFCONFIGS)"
 
 continue: .config | $(STAMP) ## resume the newest matrix: done cells are kept, interrupted ones resume
-	$(PY) scripts/matrix.py continue --config .config
+	$(PY) -m scripts.matrix continue --config .config
 
 report: | $(STAMP) ## regenerate the report of the newest matrix or run (DIR=<dir> to choose)
-	$(PY) scripts/report.py $(DIR)
+	$(PY) -m scripts.report $(DIR)
 
-steps: | $(STAMP) ## list the ablation steps (gpt2/ablation_steps.yaml)
-	$(PY) scripts/steps.py
+steps: | $(STAMP) ## list the ablation steps (lib/config/ablation_steps.yaml)
+	$(PY) -m scripts.steps
 
 menuconfig: | $(STAMP) ## terminal UI over the Kconfig tree (help on every option: press ?)
-	$(PY) scripts/config.py menuconfig
+	$(PY) -m scripts.config menuconfig
 
 defconfig-%: | $(STAMP) ## load defconfigs/<preset> into .config (fails, leaving .config alone, on any error)
-	$(PY) scripts/config.py defconfig $*
+	$(PY) -m scripts.config defconfig $*
 
 # One explicit target per preset, so the shell can tab-complete them.
 $(addprefix defconfig-,$(PRESETS)): defconfig-%: | $(STAMP)
-	$(PY) scripts/config.py defconfig $*
+	$(PY) -m scripts.config defconfig $*
 
 savedefconfig: .config | $(STAMP) ## write ./defconfig, the minimal form of .config
-	$(PY) scripts/config.py savedefconfig
+	$(PY) -m scripts.config savedefconfig
 
 olddefconfig: .config | $(STAMP) ## refresh .config after editing Kconfig or .config by hand
-	$(PY) scripts/config.py olddefconfig
+	$(PY) -m scripts.config olddefconfig
 
 listnewconfig: .config | $(STAMP) ## list options that .config does not set
-	$(PY) scripts/config.py listnewconfig
+	$(PY) -m scripts.config listnewconfig
 
 showconfig: .config | $(STAMP) ## print the typed settings .config resolves to
-	$(PY) scripts/config.py show
+	$(PY) -m scripts.config show
 
 bench-train: | $(STAMP) ## GPU: training throughput vs a bare loop -> results/bench/train-<gpu>.md
-	$(PY) scripts/bench_train.py
+	$(PY) -m scripts.bench_train
 
 bench-attention: | $(STAMP) ## GPU: every attention backend vs SDPA -> results/bench/attention-<gpu>.md
-	$(PY) scripts/bench_attention.py
+	$(PY) -m scripts.bench_attention
 
 test: | $(STAMP) ## run the test suite (CPU)
 	$(PY) -m pytest -q tests
@@ -79,11 +79,11 @@ test-kernels: $(TRITON_DIR)/.installed ## the Triton kernels (and the RA backend
 		tests/test_attention.py
 
 help: | $(STAMP) ## this list, the presets and the environment overrides
-	@$(PY) scripts/config.py help
+	@$(PY) -m scripts.config help
 
 # With no .config, start from the CPU laptop preset.
 .config: | $(STAMP)
-	$(PY) scripts/config.py defconfig $(DEFAULT_PRESET)
+	$(PY) -m scripts.config defconfig $(DEFAULT_PRESET)
 
 venv: $(STAMP) ## create the virtual environment (pinned requirements.txt)
 

@@ -12,7 +12,7 @@ import traceback
 
 import torch
 
-from lib.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
 BACKENDS = ["sdpa", "ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
 FAST_RA = ["ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]

@@ -12,11 +12,11 @@ distance from there to ra-same-flop's ratio is what better fold kernels could st
 import torch
 from torch.library import triton_op, wrap_triton
 
-from gpt2.attention import same_flop_kernel as sfk
-from gpt2.attention.triton_support import HAVE_TRITON, tl, triton, triton_runs_on
+from gpt2.model.attention import same_flop_kernel as sfk
+from gpt2.model.attention.triton_support import HAVE_TRITON, tl, triton, triton_runs_on
 
 if HAVE_TRITON:
-    from gpt2.attention.same_flop_kernel import _load_tile, _program_tile, _store_tile
+    from gpt2.model.attention.same_flop_kernel import _load_tile, _program_tile, _store_tile
 
     @triton.jit
     def _copy_two_kernel(a_ptr, b_ptr, c_ptr, d_ptr, a_out_ptr, b_out_ptr, zero, T, D,

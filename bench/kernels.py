@@ -8,8 +8,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from gpt2 import kv_pruning
-from lib.settings import KVPruningSettings
+from gpt2.model import kv_pruning
+from gpt2.settings import KVPruningSettings
 
 from .common import KEEP_RATIO, MODES, act_dtype, autocast, compile_fn, time_fwd_and_bwd
 

@@ -3,7 +3,7 @@ per backend, eager and torch.compile'd, as GPU time and as a ratio to SDPA."""
 
 import torch
 
-from gpt2.attention import build_attention
+from gpt2.model.attention import build_attention
 
 from .common import BACKENDS, FAST_RA, MODES, NO_KV, act_dtype, attention_settings, autocast, compile_fn, \
     model_settings, time_fwd_and_bwd

@@ -2,7 +2,7 @@
 
 import math
 
-from lib.runs import atomic_write_json, atomic_write_text
+from gpt2.io import atomic_write_json, atomic_write_text
 
 from .common import MODES
 from .op import op_variants
@@ -237,7 +237,7 @@ def step_accum_lines(sa):
     sw = sa["workload"]
     tokens = sw["accum"] * sw["batch_size"] * sw["block_size"]
     lines = ["## Whole optimizer step with gradient accumulation", "",
-             f"The trainer's own step (gpt2.step.TrainStep): GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} "
+             f"The trainer's own step (gpt2.train.step.TrainStep): GPT-2 {sw['n_layer']}x{sw['n_embd']} ({sw['n_head']} "
              f"heads), T={sw['block_size']}, micro-batch {sw['batch_size']}, {sw['accum']} micro-batches per optimizer "
              f"step ({tokens:,} tokens), compile {'on' if sw['compile'] else 'off'}, bf16 autocast, fused AdamW, grad "
              "clip 1.0. ra-unified composes its QKV weight once per optimizer step (cached composition, as "

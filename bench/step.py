@@ -1,7 +1,7 @@
 """Sections step and step-accum: the whole training step of GPT-2 124M per backend, as a ratio to SDPA.
 
 step        one micro-batch per optimizer step (forward, backward, clip, fused AdamW): the per-micro-step cost
-step-accum  the trainer's own optimizer step (gpt2.step.TrainStep) with gradient accumulation: for
+step-accum  the trainer's own optimizer step (gpt2.train.step.TrainStep) with gradient accumulation: for
             ra-unified the micro-steps run inside cached_composition, so the QKV weight is composed once per
             optimizer step, as single-process training does
 All variants are built and warmed up (compiled) first, then timed in rounds (wall clock). In a round sdpa
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lib.runs import atomic_write_text
-from lib.settings import OptimizerSettings
+from gpt2.io import atomic_write_text
+from gpt2.settings import OptimizerSettings
 
 from .common import NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings, autocast, model_settings
 
@@ -38,8 +38,8 @@ COMPILE_ESTIMATE_S = 75  # per variant; variants that would start compiling too 
 
 def build_training(variant, w, device, compile_model):
     """(model, optimizer, forward, x, y): GPT-2 of the step workload, fused AdamW, one fixed batch."""
-    from gpt2.model import GPT
-    from gpt2.optim import build_optimizer
+    from gpt2.model.gpt import GPT
+    from gpt2.train.optim import build_optimizer
 
     s = w["step"]
     settings = model_settings(s["n_layer"], s["n_head"], s["n_embd"], s["block_size"])
@@ -84,7 +84,7 @@ class FixedBatches:
 def build_accum_step(variant, w, device, compile_model, accum):
     """The trainer's optimizer step: TrainStep with `accum` micro-batches, bf16 autocast, clip 1.0; it caches
     ra-unified's composed QKV weight over the micro-steps (single process, accum > 1)."""
-    from gpt2.step import TrainStep, effective_precision
+    from gpt2.train.step import TrainStep, effective_precision
 
     model, optimizer, forward, x, y = build_training(variant, w, device, compile_model)
     train_step = TrainStep(forward, model, optimizer, device=device, precision=effective_precision(device, "bf16"),

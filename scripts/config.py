@@ -1,12 +1,12 @@
 """Configuration commands behind the Makefile's kconfig targets.
 
-    python scripts/config.py defconfig NAME     defconfigs/NAME -> .config (validated, atomic)
-    python scripts/config.py savedefconfig      .config -> ./defconfig (minimal form)
-    python scripts/config.py olddefconfig       refresh .config after the Kconfig tree changed
-    python scripts/config.py listnewconfig      options .config does not set yet
-    python scripts/config.py menuconfig         the terminal UI; validates on exit
-    python scripts/config.py show               the typed settings .config resolves to
-    python scripts/config.py help               make targets, presets and environment overrides
+    python -m scripts.config defconfig NAME     defconfigs/NAME -> .config (validated, atomic)
+    python -m scripts.config savedefconfig      .config -> ./defconfig (minimal form)
+    python -m scripts.config olddefconfig       refresh .config after the Kconfig tree changed
+    python -m scripts.config listnewconfig      options .config does not set yet
+    python -m scripts.config menuconfig         the terminal UI; validates on exit
+    python -m scripts.config show               the typed settings .config resolves to
+    python -m scripts.config help               make targets, presets and environment overrides
 """
 
 import argparse
@@ -16,9 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import config as cfg  # noqa: E402
+from lib import config as cfg
 
 
 def cmd_defconfig(args):

@@ -1,12 +1,12 @@
 """Test matrix: plan, run, resume and report every cell of a matrix preset.
 
-    python scripts/matrix.py run      --config .config [--defconfigs "a b"] [--new] [--force]
+    python -m scripts.matrix run      --config .config [--defconfigs "a b"] [--new] [--force]
                                       [--stop-on-failure] [--retry-failed] [--name NAME] [--dir DIR]
-    python scripts/matrix.py continue --config .config [--dir DIR] [--force] [--retry-failed]
-    python scripts/matrix.py check    --config .config [--defconfigs "a b"] [--keep]
-    python scripts/matrix.py report   [--config .config] [--dir DIR]
-    python scripts/matrix.py status   [--config .config] [--dir DIR]
-    python scripts/matrix.py submit   --config .config [--cluster slurm|local] [--partition P]
+    python -m scripts.matrix continue --config .config [--dir DIR] [--force] [--retry-failed]
+    python -m scripts.matrix check    --config .config [--defconfigs "a b"] [--keep]
+    python -m scripts.matrix report   [--config .config] [--dir DIR]
+    python -m scripts.matrix status   [--config .config] [--dir DIR]
+    python -m scripts.matrix submit   --config .config [--cluster slurm|local] [--partition P]
                                       [--account A] [--timeout-min M] [--array-parallelism K] [--wait]
 
 run       plan the matrix (every cell config is validated first), then run the unfinished cells of
@@ -32,13 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from lib import config as cfg  # noqa: E402
-from lib.runs import results_dir  # noqa: E402
-from lib import matrix_gpus, matrix_plan, matrix_run, matrix_state  # noqa: E402
-from lib.steps import STEPS_FILE  # noqa: E402
+from lib import config as cfg
+from lib.config import results_dir
+from lib.matrix import gpus as matrix_gpus
+from lib.matrix import plan as matrix_plan
+from lib.matrix import scheduler as matrix_run
+from lib.matrix import state as matrix_state
+from lib.config.steps import STEPS_FILE
 
 
 def _defconfig_list(text):
@@ -82,7 +83,7 @@ def _options(args, plan) -> matrix_run.RunOptions:
 
 
 def _write_report(matrix_dir) -> None:
-    from lib.report import write_matrix_report
+    from lib.report.writer import write_matrix_report
 
     path = write_matrix_report(matrix_dir)
     print(f"report: {path}")
@@ -150,7 +151,7 @@ def cmd_check(args) -> int:
         matrix_plan.save_plan(check_plan, work / "cells")
         print(f"\nrunning every cell for {check_plan.cells[0].max_iters} iterations of a tiny model in {work}:")
         outcome = matrix_run.check_cells(work / "cells", check_plan, gpu_ids)
-        from lib.report import write_matrix_report
+        from lib.report.writer import write_matrix_report
 
         write_matrix_report(work / "cells")
         seconds = time.monotonic() - started
@@ -195,7 +196,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from lib import slurm
+    from lib.matrix import slurm
 
     try:
         slurm.require(args.cluster)

@@ -1,4 +1,4 @@
-"""Prepare the dataset a configuration names: python scripts/prepare_data.py --config .config
+"""Prepare the dataset a configuration names: python -m scripts.prepare_data --config .config
 
 Tokenizes the dataset into <data_dir>/<dataset>-<tokenizer>[...]/ (train.bin, val.bin,
 meta.json) unless that directory is already current, then says where it is.
@@ -8,11 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as a plain script
 
-from gpt2.data import load_meta, prepare  # noqa: E402
-from gpt2.wheel_assets import AssetFetchError  # noqa: E402
-from lib.config import ConfigError, load_settings  # noqa: E402
+from gpt2.data.prepare import load_meta, prepare
+from gpt2.data.wheel_assets import AssetFetchError
+from lib.config import ConfigError, load_settings
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """Write report.md (+ PNG plots, report.json/csv) for a run directory or a matrix directory.
 
-    python scripts/report.py RUN_DIR        one training run: curves, numbers, gates
-    python scripts/report.py MATRIX_DIR     a matrix (has plan.json): the comparison report
-    python scripts/report.py                the newest run or matrix under the results directory of .config
+    python -m scripts.report RUN_DIR        one training run: curves, numbers, gates
+    python -m scripts.report MATRIX_DIR     a matrix (has plan.json): the comparison report
+    python -m scripts.report                the newest run or matrix under the results directory of .config
 
 The report is built only from the files in the directory, so it can be rewritten at any time.
 """
@@ -11,16 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from lib.report import newest_reportable, write_report  # noqa: E402
+from lib.report.writer import newest_reportable, write_report
 
 
 def _results_dir(config_path) -> Path:
     """The configured results directory; without a readable config, the default one."""
     from lib import config as cfg
-    from lib.runs import REPO_ROOT as root, results_dir
+    from lib.config import REPO_ROOT as root, results_dir
 
     try:
         return results_dir(cfg.load_settings(config_path, environ={}).general)

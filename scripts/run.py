@@ -1,8 +1,8 @@
 """`make`: train once, or run the test matrix when the configuration is a matrix.
 
-    python scripts/run.py --config .config            train (or matrix when CONFIG_MATRIX=y)
-    python scripts/run.py --config .config --single   one training run even for a matrix preset
-    python scripts/run.py --config .config --resume [RUN_DIR]
+    python -m scripts.run --config .config            train (or matrix when CONFIG_MATRIX=y)
+    python -m scripts.run --config .config --single   one training run even for a matrix preset
+    python -m scripts.run --config .config --resume [RUN_DIR]
                                                       resume the newest (or given) single run
 
 A single run gets its own directory results/<preset>-<timestamp>/ and, when it
@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from lib import config as cfg  # noqa: E402
-from lib.runs import results_dir  # noqa: E402
+from lib import config as cfg
+from lib.config import results_dir
 
 
 def newest_run_dir(results: Path) -> Path:
@@ -32,9 +30,9 @@ def newest_run_dir(results: Path) -> Path:
 
 
 def train_and_report(config: str, run_dir: Path, resume: bool) -> int:
-    command = [sys.executable, str(REPO_ROOT / "scripts/train.py"), "--config", config, "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "scripts.train", "--config", config, "--run-dir", str(run_dir)]
     code = subprocess.call(command + (["--resume"] if resume else []))
-    report = subprocess.call([sys.executable, str(REPO_ROOT / "scripts/report.py"), str(run_dir)])
+    report = subprocess.call([sys.executable, "-m", "scripts.report", str(run_dir)])
     if code == 0 and report == 0:
         print(f"\nrun finished: open {run_dir / 'report.md'}")
     return code or report
@@ -52,7 +50,7 @@ def main(argv=None) -> int:
             run_dir = Path(args.resume) if args.resume else newest_run_dir(results_dir(settings.general))
             return train_and_report(args.config, run_dir, resume=True)
         if settings.matrix.enabled and not args.single:
-            matrix = [sys.executable, str(REPO_ROOT / "scripts/matrix.py"), "run", "--config", args.config]
+            matrix = [sys.executable, "-m", "scripts.matrix", "run", "--config", args.config]
             os.execv(sys.executable, matrix)
         name = cfg.preset_of(args.config) or "run"
         run_dir = results_dir(settings.general) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

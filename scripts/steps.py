@@ -3,9 +3,8 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.steps import load_steps  # noqa: E402
+from lib.config.steps import load_steps
 
 if __name__ == "__main__":
     for step in load_steps().values():

@@ -1,16 +1,14 @@
 """Shared fixtures: real configurations built from the real Kconfig tree and presets."""
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from lib import config as cfg  # noqa: E402
+from lib import config as cfg
 
 # A tiny single-run CPU configuration: char tokenizer keeps the output layer small.
 TINY_OVERRIDES = {

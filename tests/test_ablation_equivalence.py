@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt2 import train
+from gpt2.train import trainer as train
 from lib.config import load_settings
-from lib.steps import load_steps
+from lib.config.steps import load_steps
 
 STEPS = load_steps()
 ITERS = 10

@@ -4,8 +4,8 @@ equalities between backends, routing, discoverability, self-restart, gates and i
 import pytest
 import torch
 
-from gpt2.attention import BACKENDS, RoutingMonitor, build_attention, cached_composition, refresh_head_routing
-from gpt2.attention.gates import Gate, SelfRestart
+from gpt2.model.attention import BACKENDS, RoutingMonitor, build_attention, cached_composition, refresh_head_routing
+from gpt2.model.attention.gates import Gate, SelfRestart
 from test_attention_helpers import (ALL_BACKENDS, FORM, RA_BACKENDS, attn_settings, explicit_attention, kv_settings,
                                     model_settings, randomize, rel_err)
 
@@ -285,8 +285,8 @@ def test_extra_parameters_do_not_touch_global_rng_and_are_deterministic(backend)
 
 
 def test_ra_model_with_zero_w_rec_equals_baseline_model():
-    """Through gpt2.model.GPT: same seed, fold-full with w_rec = 0 and no bias gives the baseline's logits."""
-    from gpt2.model import GPT
+    """Through gpt2.model.gpt.GPT: same seed, fold-full with w_rec = 0 and no bias gives the baseline's logits."""
+    from gpt2.model.gpt import GPT
     from test_attention_helpers import mlp_settings
 
     model = model_settings(bias=False)

@@ -15,7 +15,7 @@ SCRIPT = REPO_ROOT / "scripts" / "bench_attention.py"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU skip path")
 def test_skips_cleanly_without_a_gpu(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(tmp_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--out-dir", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
     assert "skipping" in proc.stdout
@@ -23,7 +23,7 @@ def test_skips_cleanly_without_a_gpu(tmp_path):
 
 
 def test_smoke_run_writes_the_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--smoke", "--out-dir", str(tmp_path)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
@@ -50,7 +50,7 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert (tmp_path / "attention-cpu-smoke.png").stat().st_size > 0
 
     # --sections re-measures only those and keeps the rest of the saved report.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections", "step-accum,kv", "--accum", "2",
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--smoke", "--sections", "step-accum,kv", "--accum", "2",
                            "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step: build" not in proc.stdout and "step-accum: build" in proc.stdout

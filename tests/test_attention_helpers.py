@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from lib.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
 RA_BACKENDS = ["ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
 ALL_BACKENDS = ["sdpa"] + RA_BACKENDS

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2 import checkpoint as ckpt
-from gpt2 import train
-from lib import runs
+from gpt2.train import checkpoint as ckpt
+from gpt2.train import trainer as train
+from gpt2 import io as runs
+from gpt2.train import run_dir as run_dirs
 from lib.config import load_settings
-from lib.runs import read_jsonl
+from gpt2.io import read_jsonl
 
 
 def train_in_process(config, run_dir, resume=False, environ=None):
@@ -137,14 +138,14 @@ def test_atomic_writes_honour_the_umask(tmp_path):
 def test_prepare_run_dir_guards_existing_runs(tmp_path):
     config = tmp_path / "c"
     config.write_text("CONFIG_X=y\n")
-    run_dir = runs.prepare_run_dir(tmp_path / "run", config, resume=False)
+    run_dir = run_dirs.prepare_run_dir(tmp_path / "run", config, resume=False)
     assert (run_dir / "config").read_text() == "CONFIG_X=y\n"
     (run_dir / "metrics.json").write_text("{}")
-    with pytest.raises(runs.RunDirError, match="--resume"):
-        runs.prepare_run_dir(run_dir, config, resume=False)
+    with pytest.raises(run_dirs.RunDirError, match="--resume"):
+        run_dirs.prepare_run_dir(run_dir, config, resume=False)
     config.write_text("CONFIG_X=n\n")
-    runs.prepare_run_dir(run_dir, config, resume=True)
+    run_dirs.prepare_run_dir(run_dir, config, resume=True)
     assert (run_dir / "config").read_text() == "CONFIG_X=y\n"  # a resume keeps the original snapshot
-    env = runs.write_env_json(run_dir, ["a"])
-    env = runs.write_env_json(run_dir, ["b"])
+    env = run_dirs.write_env_json(run_dir, ["a"])
+    env = run_dirs.write_env_json(run_dir, ["b"])
     assert env["command"][1:] == ["a"] and env["resumes"][0]["command"][1:] == ["b"]

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from gpt2.attention import build_attention
-from gpt2.attention.compose_kernel import compose_qkv_fused
-from gpt2.attention.triton_support import HAVE_TRITON, INTERPRET, why_not_triton
+from gpt2.model.attention import build_attention
+from gpt2.model.attention.compose_kernel import compose_qkv_fused
+from gpt2.model.attention.triton_support import HAVE_TRITON, INTERPRET, why_not_triton
 from test_attention_helpers import attn_settings, kv_settings, model_settings, randomize, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +122,7 @@ def test_compiled_module_calls_the_kernels_as_one_op():
 
 def test_backward_reads_a_transposed_gradient_in_place():
     """The GEMM's weight gradient may arrive as a transposed view: the backward takes its strides."""
-    from gpt2.attention.compose_kernel import compose_qkv_backward
+    from gpt2.model.attention.compose_kernel import compose_qkv_backward
 
     m = unified(64, 4, 4, True, True)
     s_std, s_rec, u, s_disc = m.gate_roots()
@@ -141,7 +141,7 @@ def test_backward_reads_a_transposed_gradient_in_place():
 def test_partial_sums_over_many_column_blocks(monkeypatch, block_c, finish_tile):
     """The backward sums per-block partials in a second kernel, which may split a head's tile over several
     programs: every split gives the plain composition's gradients, and the same bits on a second run."""
-    import gpt2.attention.compose_kernel as kernels
+    import gpt2.model.attention.compose_kernel as kernels
 
     monkeypatch.setattr(kernels, "BWD_BLOCK_C", block_c)
     monkeypatch.setattr(kernels, "FINISH_TILE", finish_tile)

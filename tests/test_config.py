@@ -9,8 +9,8 @@ import kconfiglib
 import pytest
 
 from lib import config as cfg
-from lib.settings import Settings
-from lib.steps import load_steps
+from gpt2.settings import Settings
+from lib.config.steps import load_steps
 
 
 def write(tmp_path, text, name="defconfig"):
@@ -208,7 +208,7 @@ def test_every_kconfig_option_has_a_prompt_default_and_help():
 
 def test_every_settings_field_reads_an_existing_symbol():
     kconf = cfg.load_kconfig()
-    from lib.settings import component_classes
+    from gpt2.settings import component_classes
     for _, cls in component_classes():
         for field in dataclasses.fields(cls):
             symbol = field.metadata["symbol"]
@@ -220,6 +220,6 @@ def test_every_settings_field_reads_an_existing_symbol():
 
 def test_config_cli_reports_errors_with_exit_code(tmp_path):
     path = write(tmp_path, "CONFIG_NOPE=y\n")
-    result = subprocess.run([sys.executable, str(cfg.REPO_ROOT / "scripts/config.py"), "--config", str(path), "show"],
+    result = subprocess.run([sys.executable, "-m", "scripts.config", "--config", str(path), "show"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown symbol CONFIG_NOPE" in result.stderr

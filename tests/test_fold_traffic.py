@@ -10,8 +10,8 @@ import torch
 import bench.fold_traffic as ft
 from bench.common import apply_variant_flags, attention_settings
 from bench.fold_traffic import add_fold_traffic, fold_traffic
-from gpt2.attention.triton_support import triton_runs_on, why_not_triton
-from gpt2.model import GPT
+from gpt2.model.attention.triton_support import triton_runs_on, why_not_triton
+from gpt2.model.gpt import GPT
 from test_attention_helpers import kv_settings, mlp_settings, model_settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

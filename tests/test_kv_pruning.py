@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from gpt2 import kv_pruning
-from gpt2.attention import build_attention
+from gpt2.model import kv_pruning
+from gpt2.model.attention import build_attention
 from test_attention_helpers import ALL_BACKENDS, attn_settings, kv_settings, model_settings, randomize
 
 

@@ -16,12 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from lib import matrix_cell, matrix_gpus, matrix_plan, matrix_process, matrix_run, matrix_state
-from lib.matrix_plan import PlanError, build_plan, save_plan
-from lib.matrix_state import MatrixLocked, matrix_lock, read_state
+from lib.matrix import cell as matrix_cell
+
+from lib.matrix import gpus as matrix_gpus
+
+from lib.matrix import plan as matrix_plan
+
+from lib.matrix import process as matrix_process
+
+from lib.matrix import scheduler as matrix_run
+
+from lib.matrix import state as matrix_state
+from lib.matrix.plan import PlanError, build_plan, save_plan
+from lib.matrix.state import MatrixLocked, matrix_lock, read_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MATRIX = [sys.executable, str(REPO_ROOT / "scripts" / "matrix.py")]
+MATRIX = [sys.executable, "-m", "scripts.matrix"]
 
 # A few optimizer steps with an evaluation and a checkpoint half-way, so a killed cell has
 # something to resume from.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.mlp import MLP, ReciprocalMLP, build_mlp
+from gpt2.model.mlp import MLP, ReciprocalMLP, build_mlp
 from test_attention_helpers import mlp_settings, model_settings, randomize, rel_err
 
 C = 16
@@ -71,7 +71,7 @@ def test_rmlp_settings_errors():
 
 
 def test_rmlp_inside_the_model_keeps_its_own_init():
-    from gpt2.model import GPT
+    from gpt2.model.gpt import GPT
     from test_attention_helpers import attn_settings, kv_settings
 
     gpt = GPT(model_settings(n_embd=C, n_head=2), attn_settings("ra-unified"),

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import gpt2.model as model_module
-from gpt2.attention.sdpa import SDPAAttention
-from gpt2.model import GPT, baseline_attention, baseline_mlp, build_model, no_kv_pruning
-from lib.settings import ModelSettings
+import gpt2.model.gpt as model_module
+from gpt2.model.attention.sdpa import SDPAAttention
+from gpt2.model.gpt import GPT, baseline_attention, baseline_mlp, build_model, no_kv_pruning
+from gpt2.settings import ModelSettings
 
 
 def tiny(**overrides) -> ModelSettings:

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from gpt2.model import GPT, baseline_attention, baseline_mlp, no_kv_pruning
-from gpt2.optim import AdamWSpam, build_optimizer, lr_at, param_groups
-from lib.settings import ModelSettings, OptimizerSettings, TrainSettings
+from gpt2.model.gpt import GPT, baseline_attention, baseline_mlp, no_kv_pruning
+from gpt2.train.optim import AdamWSpam, build_optimizer, lr_at, param_groups
+from gpt2.settings import ModelSettings, OptimizerSettings, TrainSettings
 from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings
 
 

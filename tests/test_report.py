@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib import report, report_stats
-from lib.matrix_plan import build_plan, save_plan
-from lib.matrix_state import CellState, write_state
+from lib.report import writer as report
+
+from lib.report import stats as report_stats
+from lib.matrix.plan import build_plan, save_plan
+from lib.matrix.state import CellState, write_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,7 +156,7 @@ def test_single_run_report_and_the_command_line(synthetic_matrix, tmp_path):
     matrix_dir = synthetic_matrix(seeds="1")
     run_dir = tmp_path / "single-run"
     write_run(run_dir, matrix_dir / "cells" / "H1-s1" / "cell.config", 3.2, gates=H1_GATES)
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "report.py"), str(run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "scripts.report", str(run_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     text = (run_dir / "report.md").read_text()
@@ -163,9 +165,9 @@ def test_single_run_report_and_the_command_line(synthetic_matrix, tmp_path):
         assert section in text, section
     assert (run_dir / "gates.png").exists() and json.loads((run_dir / "report.json").read_text())["status"] == "done"
     # The same script writes the matrix report when given a matrix directory.
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "report.py"), str(matrix_dir)],
+    proc = subprocess.run([sys.executable, "-m", "scripts.report", str(matrix_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (matrix_dir / "report.md").exists()
-    missing = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "report.py"), str(tmp_path / "nothing")],
+    missing = subprocess.run([sys.executable, "-m", "scripts.report", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "neither a matrix directory" in missing.stderr

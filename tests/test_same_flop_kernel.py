@@ -7,9 +7,9 @@ the module skips. Sizes are small and BLOCK_T is lowered so that T spans several
 import pytest
 import torch
 
-from gpt2.attention import same_flop_kernel as sfk
-from gpt2.attention.same_flop_kernel import fold_same_flop, fold_same_flop_reference
-from gpt2.attention.triton_support import triton_runs_on, why_not_triton
+from gpt2.model.attention import same_flop_kernel as sfk
+from gpt2.model.attention.same_flop_kernel import fold_same_flop, fold_same_flop_reference
+from gpt2.model.attention.triton_support import triton_runs_on, why_not_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_runs_on(torch.empty(0, device=DEVICE)), reason=why_not_triton())

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from gpt2 import tokenizer as tok
-from gpt2.wheel_assets import AssetFetchError
+from gpt2.data import tokenizer as tok
+from gpt2.data.wheel_assets import AssetFetchError
 
 
 @pytest.fixture(scope="module")

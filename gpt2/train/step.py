@@ -1,0 +1,121 @@
+"""The hot path: precision, one optimizer step, and evaluation on the fixed validation batches.
+
+No host-device synchronisation happens here: TrainStep returns the loss as a device tensor, and the
+trainer reads losses back only at its sync points (gpt2/train.py).
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from gpt2.train import distributed
+from gpt2.model.attention import cached_composition
+from gpt2.model.gpt import GPT
+
+
+def autocast_context(device: torch.device, precision: str):
+    """A factory of autocast contexts: bf16/fp16 autocast on CUDA; float32 (no autocast) otherwise."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+    return nullcontext
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    return precision if device.type == "cuda" else "fp32"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainStep:
+    """One optimizer step: grad_accum micro-batches of forward/backward, clipping, update, zero_grad.
+
+    `model` is what runs forward (possibly compiled and/or DDP-wrapped); `raw_model` the bare GPT that
+    owns the parameters. Returns the mean micro-batch loss as a device tensor (no synchronisation).
+
+    Composed-weight caching (ra-unified; a no-op for every other backend). With grad_accum > 1 in one
+    process, the micro-steps run inside gpt2.model.attention.cached_composition: the QKV weight is composed once
+    per optimizer step instead of once per forward, and its accumulated gradient goes back through the
+    composition once when the block closes, before clipping. Under DDP every forward composes for itself:
+    DDP all-reduces gradients from hooks that fire during the last micro-step's backward, and the
+    gradient of a cached composition reaches c_attn, P and the gates only after that, when the block
+    closes, so those gradients would never be reduced across ranks (and DDP would find parameters that
+    received no gradient in the backward it watched).
+    """
+
+    def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
+                 grad_clip: float, ddp: bool = False, cache_composition: bool | None = None,
+                 compiled: bool = False):
+        self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
+        self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
+        if cache_composition is None:
+            cache_composition = grad_accum > 1 and not ddp
+        if cache_composition and ddp:
+            raise ValueError("cached composition is single-process only (see TrainStep)")
+        self.cache_composition = cache_composition
+        self.compiled = compiled  # compose through torch.compile too (the model itself is compiled)
+        self.autocast = autocast_context(device, precision)
+        fp16 = device.type == "cuda" and precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.params = [p for p in raw_model.parameters() if p.requires_grad]
+        self.has_regularizer = any(hasattr(m, "regularization_loss") for m in raw_model.attention_modules())
+        self.grad_norm = None  # device tensor of the last step's pre-clip norm (read at log time)
+
+    def to_device(self, x, y):
+        if self.device.type == "cuda":
+            return (x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True))
+        return x, y
+
+    def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
+        with cached_composition(self.raw_model, self.compiled) if self.cache_composition else nullcontext():
+            loss_sum = self.accumulate(batches, inject_nan)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.grad_accum
+
+    def accumulate(self, batches, inject_nan: bool) -> torch.Tensor:
+        """Forward/backward of every micro-batch; returns the summed loss (device tensor)."""
+        loss_sum = None
+        for micro in range(self.grad_accum):
+            last = micro == self.grad_accum - 1
+            x, y = self.to_device(*batches.next())
+            # DDP: all-reduce gradients only on the last micro-batch.
+            with self.model.no_sync() if self.ddp and not last else nullcontext():
+                with self.autocast():
+                    _, loss = self.model(x, y, return_logits=False)
+                if inject_nan:
+                    loss = loss * float("nan")
+                objective = loss / self.grad_accum
+                if last and self.has_regularizer:
+                    objective = objective + self.raw_model.regularization_loss()
+                (self.scaler.scale(objective) if self.scaler else objective).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, eval_batches, dctx, autocast) -> float:
+    """Mean loss over the fixed validation batches (split across ranks, then averaged)."""
+    raw_model.eval()
+    mine = eval_batches[dctx.rank::dctx.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=dctx.device)
+    for x, y in mine:
+        with autocast():
+            _, loss = model(x, y, return_logits=False)
+        total[0] += loss.double()
+    total[1] = len(mine)
+    total = distributed.all_reduce_sum(dctx, total)
+    raw_model.train()
+    return float(total[0] / total[1])

@@ -1,0 +1,153 @@
+"""The one reader of `.config`: a loaded Kconfig -> frozen gpt2.settings.Settings.
+
+Defaults, ranges and dependencies are Kconfig's own (through kconfiglib). This module adds what Kconfig
+cannot say: float strings that parse, and limits that involve two options at once, such as the reciprocal
+rank versus the head dimension. Nothing here writes `.config` except `write_config_atomically`, which
+validates first and renames a finished file.
+"""
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from gpt2.settings import Settings, component_classes
+from lib.config.environment import apply_environment
+from lib.config.kconfig import ConfigError, load_strict, parse_assignments
+
+# Options that exist in the menu before their code does. Selecting one is an
+# error, never a silent no-op.
+NOT_IMPLEMENTED = {
+    "TRACKING_TRACKIO": "the trackio tracker",
+    "TRACKING_WANDB": "the Weights & Biases tracker",
+}
+
+
+def _selected_choice_value(kconf, prefix):
+    candidates = [c for c in kconf.choices if c.syms and all(s.name.startswith(prefix + "_") for s in c.syms)]
+    if len(candidates) != 1:
+        raise ConfigError(f"Kconfig tree: expected one choice with members {prefix}_*, found {len(candidates)}")
+    selection = candidates[0].selection
+    if selection is None:
+        return ""  # the whole choice depends on something that is off
+    return selection.name[len(prefix) + 1:].lower().replace("_", "-")
+
+
+def _read_field(kconf, config_path, field):
+    symbol, kind = field.metadata["symbol"], field.metadata["kind"]
+    if kind == "choice":
+        return _selected_choice_value(kconf, symbol)
+    sym = kconf.syms.get(symbol)
+    if sym is None or not sym.nodes:
+        raise ConfigError(f"Kconfig tree has no symbol {symbol} (needed for settings field {field.name})")
+    raw = sym.str_value
+    if kind == "bool":
+        return raw == "y"
+    if kind == "int":
+        return int(raw, 0) if raw else 0  # '' when its dependency is off
+    if kind == "str":
+        return raw
+    if kind == "list":
+        return tuple(item for item in re.split(r"[,\s]+", raw) if item)
+    if kind == "float":
+        if raw == "" and sym.visibility == 0:
+            return 0.0
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}=\"{raw}\" is not a number; "
+                              f"write a float such as \"0.1\" or \"6e-4\"") from None
+        low, high = field.metadata.get("min"), field.metadata.get("max")
+        if value != value or (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}={raw} is outside {low}..{high}")
+        return value
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def _where(config_path, symbol) -> str:
+    try:
+        for a in parse_assignments(config_path):
+            if a.symbol == symbol:
+                return a.where()
+    except (OSError, ConfigError):
+        pass
+    return f"{config_path} (default of CONFIG_{symbol})"
+
+
+def _check_cross_field(settings: Settings, config_path) -> None:
+    """Limits that depend on two options at once (Kconfig ranges are constants)."""
+    model, attn, mlp, train = settings.model, settings.attention, settings.mlp, settings.train
+    if model.n_embd % model.n_head:
+        raise ConfigError(f"{_where(config_path, 'MODEL_N_EMBD')}: CONFIG_MODEL_N_EMBD={model.n_embd} is not "
+                          f"divisible by CONFIG_MODEL_N_HEAD={model.n_head}")
+    head_dim = model.n_embd // model.n_head
+    if attn.backend in ("ra-same-flop", "ra-unified", "ra-fold-lowrank"):
+        # same-flop/unified take R dims from the standard term (keeping at least one) and
+        # the discoverability bias takes one more; fold-lowrank appends R dims, up to D.
+        if attn.backend == "ra-fold-lowrank":
+            top = head_dim
+        else:
+            top = head_dim - 1 - (1 if attn.discoverability else 0)
+        if not 1 <= attn.reciprocal_rank <= top:
+            raise ConfigError(f"{_where(config_path, 'ATTN_RA_RANK')}: CONFIG_ATTN_RA_RANK={attn.reciprocal_rank} "
+                              f"is outside 1..{top} (head dim {head_dim}"
+                              f"{', one dim taken by the discoverability bias' if attn.discoverability else ''})")
+    if mlp.kind == "reciprocal" and mlp.reciprocal_ff >= mlp.expansion * model.n_embd:
+        raise ConfigError(f"{_where(config_path, 'MLP_RA_RFF')}: CONFIG_MLP_RA_RFF={mlp.reciprocal_ff} must be "
+                          f"below the hidden size {mlp.expansion * model.n_embd}")
+    if train.max_iters == 0 and train.max_time_s == 0:
+        raise ConfigError(f"{config_path}: both CONFIG_TRAIN_MAX_ITERS and CONFIG_GPT2_MAX_TIME are 0, so the run "
+                          f"would never stop; set one (GPT2_MAX_TIME=600 make)")
+    if train.lr_min > train.lr:
+        raise ConfigError(f"{_where(config_path, 'TRAIN_LR_MIN')}: CONFIG_TRAIN_LR_MIN={train.lr_min} exceeds "
+                          f"CONFIG_TRAIN_LR={train.lr}")
+    if train.grad_accum % train.num_gpus:
+        raise ConfigError(f"{_where(config_path, 'TRAIN_GRAD_ACCUM')}: CONFIG_TRAIN_GRAD_ACCUM={train.grad_accum} "
+                          f"must be a multiple of CONFIG_TRAIN_NUM_GPUS={train.num_gpus} (the global batch is kept)")
+    if settings.model.init_from == "hf" and not settings.model.hf_checkpoint_dir:
+        raise ConfigError(f"{config_path}: CONFIG_MODEL_INIT_HF=y needs CONFIG_MODEL_HF_CHECKPOINT_DIR")
+    if settings.data.dataset == "custom" and not settings.data.custom_text_path:
+        raise ConfigError(f"{config_path}: CONFIG_DATASET_CUSTOM=y needs CONFIG_DATASET_CUSTOM_PATH")
+
+
+def settings_from_kconfig(kconf, config_path="<kconfig>") -> Settings:
+    for symbol, what in NOT_IMPLEMENTED.items():
+        if kconf.syms[symbol].str_value == "y":
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}=y selects {what}, which is not "
+                              f"implemented yet; choose another option in menuconfig")
+    components = {}
+    for name, cls in component_classes():
+        components[name] = cls(**{f.name: _read_field(kconf, config_path, f) for f in dataclasses.fields(cls)})
+    settings = Settings(**components)
+    _check_cross_field(settings, config_path)
+    return settings
+
+
+def load_settings(config_path=".config", kconfig_path=None, environ=None) -> Settings:
+    """Read and validate a full configuration; environment overrides applied."""
+    kconf = load_strict(config_path, kconfig_path)
+    apply_environment(kconf, os.environ if environ is None else environ)
+    return settings_from_kconfig(kconf, config_path)
+
+
+def write_config_atomically(kconf, out_path, header=None) -> None:
+    """Validate what kconf holds, then write it to a temp file and rename.
+
+    A config that fails validation never reaches `out_path`, so a bad preset
+    or override leaves the current .config untouched.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    os.close(fd)
+    try:
+        if header is None:
+            kconf.write_config(tmp, save_old=False)
+        else:
+            kconf.write_config(tmp, header=header, save_old=False)
+        settings_from_kconfig(load_strict(tmp), out_path)  # must read back cleanly
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

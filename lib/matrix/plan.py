@@ -1,0 +1,407 @@
+"""Matrix plan: which cells a study runs and the exact configuration of each.
+
+A matrix preset (CONFIG_MATRIX=y) names three axes:
+
+    MATRIX_STEPS       ablation step ids from lib/config/ablation_steps.yaml (first = baseline)
+    MATRIX_SEEDS       seeds, e.g. "1,2,3"
+    MATRIX_DEFCONFIGS  optional presets from defconfigs/, each compared as a whole
+
+A cell is one (defconfig, step, seed) combination and runs as one training run.
+Its configuration is
+
+    base (.config, or the named defconfig expanded through Kconfig)
+      + environment budget overrides (GPT2_MAX_TIME=7200 make ...)
+      + the step's overrides
+      + SEED=<seed>, MATRIX=n          (a cell is a single run, never a matrix)
+      + extra overrides                 (`check` shrinks the model here)
+
+written by lib.config.write_cell_config, which re-validates the result through
+kconfiglib. Every cell config is written while planning, so an override that
+names an unknown symbol or does not take stops the plan before any cell runs.
+
+The plan also carries a fingerprint of what it was built from (every Kconfig
+file, the step definitions it uses, the base config and budget environment);
+resuming a matrix compares fingerprints and says which part changed.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from lib import config as kcfg
+from lib.config.steps import STEPS_FILE, StepError, select_steps
+
+PLAN_FILE = "plan.json"
+PLAN_FORMAT = 1
+CELLS_DIR = "cells"
+CELL_CONFIG = "cell.config"
+
+# `check`: the smallest run that still goes through every code path of a cell
+# (data, model build, optimizer steps, evaluation, checkpoint, metrics).
+CHECK_OVERRIDES = {
+    "MODEL_SIZE_GPT2_TINY": "y",
+    "MODEL_BLOCK_SIZE": "32",
+    "TRAIN_BATCH_SIZE": "2",
+    "TRAIN_GRAD_ACCUM": "1",
+    "TRAIN_MAX_ITERS": "2",
+    "GPT2_MAX_TIME": "0",
+    "TRAIN_EVAL_INTERVAL": "2",
+    "TRAIN_EVAL_BATCHES": "1",
+    "TRAIN_LOG_INTERVAL": "1",
+    "TRAIN_CHECKPOINT_INTERVAL": "0",
+    "TORCH_COMPILE": "n",
+    "DATASET_SHAKESPEARE": "y",
+}
+# Added to CHECK_OVERRIDES when no GPU is visible: one CPU process per cell.
+CHECK_CPU_OVERRIDES = {"DEVICE_CPU": "y", "TRAIN_NUM_GPUS": "1"}
+
+
+class PlanError(Exception):
+    """The plan cannot be built; the message names the step, symbol or file at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    id: str  # directory name under cells/, e.g. "V1-s2"
+    label: str  # console prefix, e.g. "V1/s2"
+    variant: str  # what the report compares: step id, defconfig, or "defconfig/step"
+    step: str | None
+    defconfig: str | None
+    seed: int | None
+    overrides: dict  # every override applied on the base, in order
+    num_gpus: int
+    device: str
+    max_time_s: int
+    max_iters: int
+
+    def config_path(self, matrix_dir) -> Path:
+        return Path(matrix_dir) / CELLS_DIR / self.id / CELL_CONFIG
+
+    def run_dir(self, matrix_dir) -> Path:
+        return Path(matrix_dir) / CELLS_DIR / self.id
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    id: str
+    step: str | None
+    defconfig: str | None
+    description: str
+    overrides: dict  # the step's overrides (empty for a bare defconfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    created: str
+    base_config: str  # the path the plan was built from (informational)
+    variants: list  # [Variant]; the first is the baseline
+    seeds: list  # [int] (empty: each cell keeps its config's SEED)
+    cells: list  # [Cell], in execution order (seed-major: every step of seed 1 first)
+    parallel_cells: int  # MATRIX_PARALLEL (0 = as many as the GPUs allow)
+    stop_on_failure: bool
+    fingerprint: dict  # {"kconfig": {file: sha}, "steps": {id: sha}, "base": {item: sha or value}}
+    base_assignments: dict  # {SYMBOL: value} of the base config, to explain changes
+    steps_file: str = str(STEPS_FILE)  # where the step definitions were read
+
+    @property
+    def hash(self) -> str:
+        return _sha(json.dumps(self.fingerprint, sort_keys=True))
+
+    @property
+    def baseline(self) -> Variant:
+        return self.variants[0]
+
+    def cell(self, cell_id) -> Cell:
+        for cell in self.cells:
+            if cell.id == cell_id:
+                return cell
+        raise PlanError(f"no cell {cell_id!r} in plan {self.name} (cells: {', '.join(c.id for c in self.cells)})")
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["format"] = PLAN_FORMAT
+        data["hash"] = self.hash
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        data = dict(data)
+        data.pop("format", None)
+        data.pop("hash", None)
+        data["variants"] = [Variant(**v) for v in data["variants"]]
+        data["cells"] = [Cell(**c) for c in data["cells"]]
+        return cls(**data)
+
+
+def _sha(text) -> str:
+    if isinstance(text, str):
+        text = text.encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def preset_name(config_path, default="matrix") -> str:
+    """The preset `make defconfig-NAME` recorded in the .config ('# preset: NAME'), else `default`."""
+    try:
+        return kcfg.preset_of(config_path) or default
+    except OSError:
+        return default
+
+
+def config_values(path) -> dict:
+    """{SYMBOL: value} of a .config ("n" for '# CONFIG_X is not set')."""
+    return {a.symbol: a.value for a in kcfg.parse_assignments(path)}
+
+
+def config_difference(base: dict, other: dict, choice_members=frozenset()) -> list:
+    """["SYMBOL=new" or "SYMBOL: old -> new", ...] for every symbol whose value differs.
+
+    Left out as implied: choice members switched off (the member switched on says it),
+    and bools that are off on one side and absent (dependency off) on the other.
+    """
+    off = ("n", "(unset)")
+    changes = []
+    for symbol in sorted(set(base) | set(other)):
+        old, new = base.get(symbol, "(unset)"), other.get(symbol, "(unset)")
+        if old == new or (old in off and new in off) or (symbol in choice_members and new in off):
+            continue
+        changes.append(f"{symbol}={new}" if old in off else f"{symbol}: {old} -> {new}")
+    return changes
+
+
+def choice_members(kconfig_path=None) -> frozenset:
+    kconf = kcfg.load_kconfig(kconfig_path)
+    return frozenset(sym.name for choice in kconf.choices for sym in choice.syms)
+
+
+def environment_overrides(environ) -> dict:
+    """Budget overrides from the environment (GPT2_MAX_TIME=7200 make), baked into every cell.
+
+    GPT2_SEED is left out: the matrix sets each cell's seed.
+    """
+    overrides = {}
+    for variable, symbol in kcfg.ENV_OVERRIDES.items():
+        value = (environ.get(variable) or "").strip()
+        if value and symbol != "SEED":
+            overrides[symbol] = value
+    return overrides
+
+
+def _parse_seeds(raw) -> list:
+    seeds = []
+    for item in raw:
+        if not re.fullmatch(r"\d+", str(item).strip()):
+            raise PlanError(f"CONFIG_MATRIX_SEEDS: {item!r} is not a non-negative integer")
+        seeds.append(int(item))
+    if len(set(seeds)) != len(seeds):
+        raise PlanError(f"CONFIG_MATRIX_SEEDS lists a seed twice: {','.join(map(str, seeds))}")
+    return seeds
+
+
+def _kconfig_fingerprint(kconfig_path=None) -> dict:
+    kconf = kcfg.load_kconfig(kconfig_path)
+    root = Path(kconfig_path or kcfg.KCONFIG_PATH).resolve().parent
+    files = {}
+    for name in kconf.kconfig_filenames:
+        path = Path(name) if os.path.isabs(name) else root / name
+        files[str(Path(name))] = _sha(path.read_bytes())
+    return files
+
+
+def _assignments_sha(values: dict) -> str:
+    return _sha("\n".join(f"{k}={values[k]}" for k in sorted(values)))
+
+
+def _cell_names(variant_id, seed):
+    """(directory name, console label): ("V1-s2", "V1/s2"), ("mini_V1-s2", "mini/V1/s2")."""
+    suffix = "" if seed is None else f"-s{seed}"
+    label = variant_id if seed is None else f"{variant_id}/s{seed}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", variant_id.replace("/", "_")) + suffix, label
+
+
+def build_plan(base_config, out_dir, *, name=None, defconfigs=None, steps_file=STEPS_FILE,
+               extra_overrides=None, environ=None, kconfig_path=None) -> Plan:
+    """Plan the matrix described by `base_config` and write every cell config under `out_dir`.
+
+    defconfigs: overrides MATRIX_DEFCONFIGS (the CLI's --defconfigs). When the base
+    config is not a matrix preset, the defconfigs alone are compared, each with its
+    own seed. extra_overrides: applied last to every cell (check mode).
+    Raises PlanError (or ConfigError) before anything runs if a cell config is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    out_dir = Path(out_dir)
+    base_config = Path(base_config)
+    try:
+        base = kcfg.load_settings(base_config, kconfig_path, environ={})
+    except kcfg.ConfigError as err:
+        raise PlanError(f"base config: {err}") from None
+    matrix = base.matrix
+    defconfigs = list(matrix.defconfigs if defconfigs is None else defconfigs)
+    if not matrix.enabled and not defconfigs:
+        raise PlanError(f"{base_config} is not a matrix preset (CONFIG_MATRIX is off) and no defconfigs were "
+                        f"named; run `make defconfig-<matrix preset>` or `make matrix DEFCONFIGS=\"a b\"`")
+    step_ids = list(matrix.steps) if matrix.enabled else []
+    seeds = _parse_seeds(matrix.seeds) if matrix.enabled else []
+    if len(set(step_ids)) != len(step_ids):
+        raise PlanError(f"CONFIG_MATRIX_STEPS lists a step twice: {','.join(step_ids)}")
+    try:
+        steps = select_steps(step_ids, steps_file) if step_ids else []
+    except StepError as err:
+        raise PlanError(str(err)) from None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base_config, out_dir / "base.config")
+    base_values = config_values(base_config)
+    env_overrides = environment_overrides(environ)
+    fingerprint = {
+        "kconfig": _kconfig_fingerprint(kconfig_path),
+        "steps": {s.id: _sha(json.dumps([s.description, s.overrides], sort_keys=True)) for s in steps},
+        "base": {"config": _assignments_sha(base_values)},
+    }
+    for variable, symbol in kcfg.ENV_OVERRIDES.items():
+        if symbol in env_overrides:
+            fingerprint["base"][f"environment {variable}"] = env_overrides[symbol]
+
+    # One base config file per defconfig (or the .config itself).
+    bases = {}
+    for defconfig in defconfigs or [None]:
+        if defconfig is None:
+            bases[None] = base_config
+            continue
+        expanded = out_dir / "bases" / f"{defconfig}.config"
+        try:
+            kcfg.apply_defconfig(kcfg.preset_path(defconfig), expanded)
+        except kcfg.ConfigError as err:
+            raise PlanError(f"defconfig {defconfig}: {err}") from None
+        bases[defconfig] = expanded
+        fingerprint["base"][f"defconfig {defconfig}"] = _assignments_sha(config_values(expanded))
+
+    variants = []
+    for defconfig in defconfigs or [None]:
+        for step in steps or [None]:
+            vid = "/".join(x for x in (defconfig, step.id if step else None) if x)
+            description = step.description if step else kcfg.preset_description(defconfig)
+            variants.append(Variant(vid, step.id if step else None, defconfig, description,
+                                    dict(step.overrides) if step else {}))
+
+    cells = []
+    for seed in seeds or [None]:
+        for variant in variants:
+            cell_id, label = _cell_names(variant.id, seed)
+            overrides = dict(env_overrides)
+            overrides.update(variant.overrides)
+            if seed is not None:
+                overrides["SEED"] = str(seed)
+            overrides["MATRIX"] = "n"
+            overrides.update(extra_overrides or {})
+            cell_config = out_dir / CELLS_DIR / cell_id / CELL_CONFIG
+            culprit = f"step {variant.step}" if variant.step else f"defconfig {variant.defconfig}"
+            try:
+                kcfg.write_cell_config(bases[variant.defconfig], overrides, cell_config)
+                settings = kcfg.load_settings(cell_config, kconfig_path, environ={})
+            except kcfg.ConfigError as err:
+                raise PlanError(f"cell {label} ({culprit}): {err}") from None
+            train = settings.train
+            cells.append(Cell(cell_id, label, variant.id, variant.step, variant.defconfig, seed, overrides,
+                              train.num_gpus, settings.general.device, train.max_time_s, train.max_iters))
+
+    return Plan(name=name or preset_name(base_config), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                base_config=str(base_config), variants=variants, seeds=seeds, cells=cells,
+                parallel_cells=matrix.parallel_cells, stop_on_failure=matrix.stop_on_failure,
+                fingerprint=fingerprint, base_assignments=base_values, steps_file=str(steps_file))
+
+
+def save_plan(plan: Plan, matrix_dir) -> None:
+    from gpt2.io import atomic_write_json
+
+    atomic_write_json(Path(matrix_dir) / PLAN_FILE, plan.to_json())
+
+
+def load_plan(matrix_dir) -> Plan:
+    path = Path(matrix_dir) / PLAN_FILE
+    try:
+        return Plan.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise PlanError(f"{matrix_dir} is not a matrix directory (no {PLAN_FILE})") from None
+
+
+def describe_changes(old: Plan, new: Plan) -> list:
+    """What differs between two plans' fingerprints, in words a user can act on."""
+    changes = []
+    for part, what in (("kconfig", "Kconfig file"), ("steps", "ablation step"), ("base", "base")):
+        before, after = old.fingerprint.get(part, {}), new.fingerprint.get(part, {})
+        for key in sorted(set(before) | set(after)):
+            if key not in before:
+                changes.append(f"{what} {key}: new")
+            elif key not in after:
+                changes.append(f"{what} {key}: no longer part of the plan")
+            elif before[key] != after[key]:
+                if part == "base" and key == "config":
+                    diff = config_difference(old.base_assignments, new.base_assignments, choice_members())
+                    shown = "; ".join(diff[:8]) + (f"; ... {len(diff) - 8} more" if len(diff) > 8 else "")
+                    changes.append(f"base config {new.base_config}: {shown or 'comments only'}")
+                elif key.startswith("environment"):
+                    changes.append(f"{key}: {before[key]} -> {after[key]}")
+                else:
+                    changes.append(f"{what} {key}: changed")
+    return changes
+
+
+def _at_default(config_path, symbols) -> set:
+    """Those of `symbols` whose value in config_path is what Kconfig would pick by itself."""
+    kconf = kcfg.load_kconfig()
+    kconf.load_config(str(config_path), replace=True)
+    same = set()
+    for name in symbols:
+        sym = kconf.syms.get(name)
+        if sym is None:
+            continue
+        target = sym.choice if sym.choice is not None else sym
+        before = target.selection if sym.choice is not None else sym.str_value
+        user = target.user_selection if sym.choice is not None else sym.user_value
+        target.unset_value()
+        after = target.selection if sym.choice is not None else sym.str_value
+        if before is after or before == after:
+            same.add(name)
+        if user is not None:  # put the loaded value back for the next symbol's comparison
+            (user.set_value(2) if sym.choice is not None else sym.set_value(user))
+    return same
+
+
+def describe_plan(plan: Plan, matrix_dir, parallel: int) -> str:
+    """The plan as `check` prints it: cells, config differences, time estimate."""
+    base_cell = plan.cells[0]
+    base_values = config_values(base_cell.config_path(matrix_dir))
+    members = choice_members()
+    lines = [f"matrix {plan.name}: {len(plan.variants)} variant(s) x {max(len(plan.seeds), 1)} seed(s) "
+             f"= {len(plan.cells)} cells; baseline {plan.baseline.id}"]
+    for variant in plan.variants:
+        lines.append(f"  {variant.id:<14} {variant.description}")
+    lines.append(f"cells (config difference from {base_cell.label}; options a change merely reveals, left at "
+                 f"their defaults, are counted, not listed):")
+    for cell in plan.cells:
+        values = config_values(cell.config_path(matrix_dir))
+        diff = config_difference(base_values, values, members)
+        revealed = [s for s in values if s not in base_values and s not in cell.overrides]
+        quiet = _at_default(cell.config_path(matrix_dir), revealed)
+        shown = [d for d in diff if d.split("=")[0] not in quiet]
+        if len(shown) < len(diff):
+            shown.append(f"+{len(diff) - len(shown)} at defaults")
+        gpus = "cpu" if cell.device == "cpu" else f"{cell.num_gpus} GPU"
+        lines.append(f"  [{cell.label}] {gpus}: " + ("(baseline)" if cell is base_cell else "; ".join(shown) or
+                                                     "(identical)"))
+    budgets = [c.max_time_s for c in plan.cells]
+    if all(budgets):
+        total = sum(budgets) / max(parallel, 1)
+        each = f"{budgets[0]} s budget" if len(set(budgets)) == 1 else f"budgets summing to {sum(budgets)} s over"
+        lines.append(f"time estimate: {each} x {len(plan.cells)} cells / {parallel} at once = "
+                     f"{total / 3600:.1f} h ({total:.0f} s) of training, plus start-up and evaluation")
+    else:
+        lines.append(f"time estimate: no time budget; each cell stops after "
+                     f"{max(c.max_iters for c in plan.cells)} iterations")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The operating-system side of a matrix cell: starting its process, probing and stopping process groups.
+
+A cell's process starts in a new session, so its pid is also its process group id
+and one killpg reaches train.py, torchrun and torchrun's workers together. It gets
+SIGTERM when the runner dies (PR_SET_PDEATHSIG, Linux), so no cell trains orphaned;
+what outlives it anyway (torchrun workers) the next runner stops with stop_group().
+
+Two ways to start one:
+  * exec `python -m lib.runs.train ...` (subprocess.Popen), the normal case;
+  * fork this process and call lib.runs.train.main (ForkedTrainer), for `check` on CPU,
+    where torch's start-up would otherwise dominate a 2-iteration cell.
+"""
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def die_with_parent_hook():
+    """preexec_fn: the child gets SIGTERM when the runner dies (Linux), so no cell trains orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def start_cell_process(argv, env, cwd, keep_fd, fork=False):
+    """Start a cell in a new session with stdout+stderr on `.stdout`; keep_fd stays open in the child.
+
+    fork: ForkedTrainer instead of exec (needs ForkedTrainer.preload() first to gain anything).
+    """
+    if fork:
+        return ForkedTrainer(argv, env, cwd)
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, pass_fds=(keep_fd,), start_new_session=True,
+                            preexec_fn=die_with_parent_hook())
+
+
+def _exists(kill, ident) -> bool:
+    """Signal 0 probes without delivering anything; EPERM means it exists but belongs to someone else."""
+    try:
+        kill(ident, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_alive(host, pid) -> bool:
+    """Whether process `pid` on `host` still runs; True when that cannot be told from this machine."""
+    if host != socket.gethostname() or not pid:
+        return True
+    return _exists(os.kill, pid)
+
+
+def group_alive(pgid) -> bool:
+    return _exists(os.killpg, pgid)
+
+
+def stop_group(pgid, wait_s) -> None:
+    """SIGTERM the process group, SIGKILL it if anything is left after wait_s."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class ForkedTrainer:
+    """A Popen look-alike for `check` on CPU: a forked child of this process that calls lib.runs.train.main.
+
+    Each training process pays about 4 s importing torch and torch._dynamo (which
+    torch.optim imports on first use) before its first step; for 2-iteration check
+    cells that is nearly all of the time. preload() imports them once here, and every
+    cell still gets its own process (own output, exit code, process group), forked
+    instead of exec'd. Never used with CUDA: a CUDA context does not survive fork.
+    """
+
+    @staticmethod
+    def preload() -> None:
+        import gpt2.train.trainer  # noqa: F401  (torch, the model and the data code)
+        import lib.runs.train  # noqa: F401
+        import torch._dynamo  # noqa: F401
+
+    def __init__(self, argv, env, cwd):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            self._child(argv, env, cwd, read_end, write_end)  # never returns
+        os.close(write_end)
+        self.pid, self.returncode = pid, None
+        self.stdout = open(read_end, "rb")
+
+    @staticmethod
+    def _child(argv, env, cwd, read_end, write_end):
+        code = 1
+        try:
+            os.setsid()
+            os.close(read_end)
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            os.close(write_end)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            hook = die_with_parent_hook()
+            if hook:
+                hook()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # fresh objects: no lock inherited from a thread
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            sys.argv = list(argv[1:])
+            import torch
+
+            torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or torch.get_num_threads()))
+            from lib.runs import train as train_entry
+
+            code = train_entry.main(argv[argv.index(train_entry.MODULE) + 1:])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode

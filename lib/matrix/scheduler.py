@@ -1,0 +1,272 @@
+"""Matrix scheduler: runs the unfinished cells of a plan as separate training processes.
+
+The pieces: lib.matrix.gpus decides how many cells fit at once and which GPUs each
+gets; lib.matrix.cell runs one attempt of one cell (lib.matrix.process starts and
+stops its processes); lib.matrix.console prints cell output and the progress line.
+This module is the loop that ties them together, plus its two other entry points:
+one cell in the foreground (a Slurm array task) and `check`.
+
+Resume: done cells are skipped; a cell with a checkpoint is restarted with
+--resume; a failed cell is retried only when asked (retry_failed), from scratch.
+
+Failures mark the cell failed with a reason and the matrix goes on, unless
+stop_on_failure: then no new cell starts and the running ones finish.
+
+Interrupts: Ctrl-C / SIGTERM stops the running cells (SIGTERM to each cell's
+process group, SIGKILL after a grace period) and leaves them pending, so the
+next `continue` resumes them. If the runner itself is killed outright, the
+kernel sends each cell SIGTERM (PR_SET_PDEATHSIG); its cell lock is released
+when it exits, and the next runner stops whatever is left in a dead runner's
+cell process group (torchrun workers) before resuming the cell.
+
+`check` runs its tiny cells through the same scheduler, but on CPU it forks them
+from a process that has already imported torch (ForkedTrainer): the cells run
+the same lib.runs.train.main as a cell process without paying torch's start-up
+each time.
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+from lib.matrix.cell import CellProcess
+from lib.matrix.console import Console, Progress, hms
+from lib.matrix.gpus import check_feasible, gpus_needed, parallel_cells, visible_gpus
+from lib.matrix.process import ForkedTrainer, group_alive, process_alive, stop_group
+from lib.matrix.state import CONSOLE_LOG, CellState, MatrixLocked, cell_lock, read_state
+
+
+@dataclasses.dataclass
+class RunOptions:
+    stop_on_failure: bool = False
+    retry_failed: bool = False
+    parallel_cap: int = 0  # MATRIX_PARALLEL; 0 = no cap
+    cpu_parallel: int = 1  # cells at once when no GPU is used (check raises it)
+    gpu_ids: list | None = None  # None: detect
+    train_command: list | None = None  # None: [python, -m, lib.runs.train]
+    extra_env: dict = dataclasses.field(default_factory=dict)
+    grace_s: float = 30.0  # SIGTERM -> SIGKILL delay when stopping cells
+    orphan_wait_s: float = 30.0  # how long to wait for a dead runner's cell to exit
+    poll_s: float = 0.2
+    stream: object = None  # console stream (default sys.stdout)
+    live: bool | None = None  # redraw the progress line in place (default: stream is a TTY)
+    echo: bool = True  # echo cell output to the console
+    preload_trainer: bool = False  # fork cells from this process with torch already imported (check on CPU)
+
+    def cell_process(self, matrix_dir, cell, console, gpus=None, runner="local") -> CellProcess:
+        return CellProcess(matrix_dir, cell, console, gpus=gpus, runner=runner, train_command=self.train_command,
+                           extra_env=self.extra_env, fork=self.preload_trainer)
+
+
+@dataclasses.dataclass
+class Outcome:
+    done: list
+    failed: list  # [(label, reason)]
+    pending: list  # cells not finished (interrupted, stopped, or running elsewhere)
+    interrupted: bool = False
+    stopped_on_failure: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and not self.interrupted
+
+
+# ---- the matrix --------------------------------------------------------------------
+
+def cells_to_run(matrix_dir, plan, options: RunOptions, console) -> tuple:
+    """(cells to run in plan order, cells left alone because another process is running them)."""
+    todo, elsewhere = [], []
+    for cell in plan.cells:
+        state = read_state(matrix_dir, cell.id)
+        if not state.wants_run(options.retry_failed):
+            continue
+        if state.status == "running":
+            runner_alive = process_alive(state.host, state.runner_pid)
+            if not runner_alive and state.pgid and group_alive(state.pgid):
+                # what is left of a cell whose runner died (e.g. torchrun workers that outlived train.py)
+                console.message(f"[{cell.label}] its runner died; stopping its leftover processes "
+                                f"(group {state.pgid})")
+                stop_group(state.pgid, options.orphan_wait_s)
+            lock = cell_lock(matrix_dir, cell.id)
+            if lock.is_held_elsewhere():
+                wait_s = 0.0 if runner_alive else options.orphan_wait_s
+                console.message(f"[{cell.label}] still held by {state.runner} on {state.host}; "
+                                f"{'waiting up to %.0f s for it to exit' % wait_s if wait_s else 'skipping'}")
+                try:
+                    lock.acquire(wait_s)
+                    lock.release()
+                except MatrixLocked:
+                    elsewhere.append(cell)
+                    continue
+        todo.append(cell)
+    return todo, elsewhere
+
+
+class _Scheduler:
+    """The GPU pool and the cells running on it: start what fits, collect what ended."""
+
+    def __init__(self, matrix_dir, plan, todo, gpu_ids, parallel, options, console, outcome):
+        self.matrix_dir, self.options, self.console, self.outcome = matrix_dir, options, console, outcome
+        self.gpu_ids, self.parallel = gpu_ids, parallel
+        self.queue = list(todo)
+        self.free_gpus = list(gpu_ids)
+        self.running = {}  # cell id -> CellProcess
+        self.progress = Progress(plan, parallel)
+
+    def show_progress(self, force=False) -> None:
+        self.console.status(self.progress.text(self.matrix_dir, list(self.running.values())), force=force)
+
+    def start_ready(self) -> None:
+        """Start queued cells, in plan order, while a slot and the first cell's GPUs are free."""
+        while self.queue and len(self.running) < self.parallel and not self.outcome.stopped_on_failure:
+            cell = self.queue[0]
+            need = gpus_needed(cell, self.gpu_ids)
+            if need > len(self.free_gpus):
+                return
+            gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
+            self.queue.pop(0)
+            proc = self.options.cell_process(self.matrix_dir, cell, self.console,
+                                             gpus=gpus if self.gpu_ids else None)
+            try:
+                proc.start()
+            except MatrixLocked as err:  # another process took it in the meantime
+                self.console.message(f"[{cell.label}] skipped: {err}")
+                self.outcome.pending.append(cell.label)
+                self.free_gpus += gpus
+                continue
+            self.running[cell.id] = proc
+            self.show_progress(force=True)
+
+    def collect_finished(self) -> None:
+        """Record every cell whose process ended and give its GPUs back."""
+        for cell_id in [cid for cid, p in self.running.items() if p.poll() is not None]:
+            proc = self.running.pop(cell_id)
+            self.free_gpus += proc.gpus or []
+            state = proc.finish()
+            self.progress.durations.append(proc.elapsed_s())
+            label = proc.cell.label
+            if state.status == "done":
+                self.outcome.done.append(label)
+                self.console.message(f"[{label}] done in {hms(proc.elapsed_s())}")
+            else:
+                self.outcome.failed.append((label, state.failure_reason))
+                self.console.message(f"[{label}] FAILED: {state.failure_reason} (log: {proc.run_dir / CONSOLE_LOG})")
+                if self.options.stop_on_failure and not self.outcome.stopped_on_failure:
+                    self.outcome.stopped_on_failure = True
+                    self.console.message("stopping: no new cells start (stop on failure); running cells finish")
+            self.show_progress(force=True)
+
+
+def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
+    """Run every unfinished cell of `plan`; the caller holds the matrix lock."""
+    options = options or RunOptions()
+    console = Console(options.stream, options.live, options.echo)
+    gpu_ids = visible_gpus() if options.gpu_ids is None else list(options.gpu_ids)
+    todo, elsewhere = cells_to_run(matrix_dir, plan, options, console)
+    check_feasible(todo, gpu_ids)
+    parallel = parallel_cells(todo, gpu_ids, options.parallel_cap, options.cpu_parallel)
+    outcome = Outcome(done=[], failed=[], pending=[c.label for c in elsewhere])
+    pool = _Scheduler(matrix_dir, plan, todo, gpu_ids, parallel, options, console, outcome)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        if stop["signal"] is not None:  # second Ctrl-C: no more grace
+            for proc in pool.running.values():
+                proc.signal(signal.SIGKILL)
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    console.message(f"matrix {plan.name}: {len(todo)} of {len(plan.cells)} cells to run, {parallel} at once"
+                    f" ({'GPUs ' + ','.join(gpu_ids) if gpu_ids else 'no GPU'}); {matrix_dir}")
+    last_status = 0.0
+    try:
+        while (pool.queue or pool.running) and stop["signal"] is None:
+            pool.start_ready()
+            pool.collect_finished()
+            if outcome.stopped_on_failure and not pool.running:
+                break
+            if time.monotonic() - last_status > 1.0:
+                pool.show_progress()
+                last_status = time.monotonic()
+            time.sleep(options.poll_s)
+    finally:
+        if pool.running:
+            _stop_cells(list(pool.running.values()), options.grace_s, console)
+            outcome.interrupted = True
+            outcome.pending += [p.cell.label for p in pool.running.values()]
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        console.close()
+    outcome.pending += [c.label for c in pool.queue]
+    outcome.interrupted = outcome.interrupted or stop["signal"] is not None
+    return outcome
+
+
+def _stop_cells(procs, grace_s, console) -> None:
+    """SIGTERM every running cell, SIGKILL what is left after grace_s; they stay pending for a resume."""
+    console.message(f"stopping {len(procs)} running cell(s); they resume on `continue`")
+    for proc in procs:
+        proc.interrupted = True
+        proc.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.signal(signal.SIGKILL)
+        proc.finish()
+
+
+def run_single_cell(matrix_dir, plan, cell_id, runner="local", options: RunOptions = None) -> CellState:
+    """Run one cell in the foreground (a Slurm array task does this); GPUs come from the environment.
+
+    A cell that is done, or held by another process, is left alone and its state returned.
+    """
+    options = options or RunOptions()
+    console = Console(options.stream, live=False, echo=options.echo)
+    cell = plan.cell(cell_id)
+    state = read_state(matrix_dir, cell.id)
+    if not state.wants_run(options.retry_failed):
+        console.message(f"[{cell.label}] already {state.status}; nothing to do")
+        return state
+    proc = options.cell_process(matrix_dir, cell, console, runner=runner)
+    try:
+        proc.start()
+    except MatrixLocked as err:
+        console.message(f"[{cell.label}] skipped: {err}")
+        return read_state(matrix_dir, cell.id)
+    try:
+        proc.proc.wait()
+    except BaseException:
+        _stop_cells([proc], options.grace_s, console)
+        raise
+    state = proc.finish()
+    console.message(f"[{cell.label}] {state.status}" + (f": {state.failure_reason}" if state.failure_reason else ""))
+    return state
+
+
+def check_cells(matrix_dir, plan, gpu_ids, stream=None) -> Outcome:
+    """`check`: run every (tiny) cell with little overhead and show only results and failing logs.
+
+    Without GPUs, as many cells run at once as there are cores (at most 2), one thread each:
+    a tiny model gains nothing from more threads, and start-up dominates.
+    """
+    cores = os.cpu_count() or 1
+    cpu_parallel = 1 if gpu_ids else max(1, min(2, cores))
+    options = RunOptions(gpu_ids=gpu_ids, cpu_parallel=cpu_parallel, echo=False, grace_s=5, stream=stream,
+                         live=False, extra_env={"OMP_NUM_THREADS": str(max(1, cores // cpu_parallel))},
+                         preload_trainer=not gpu_ids)
+    if options.preload_trainer:
+        ForkedTrainer.preload()
+    outcome = run_matrix(matrix_dir, plan, options)
+    console = stream or sys.stdout
+    for label, _reason in outcome.failed:
+        cell = next(c for c in plan.cells if c.label == label)
+        log = (cell.run_dir(matrix_dir) / CONSOLE_LOG).read_text(errors="replace").splitlines()
+        console.write(f"---- last lines of [{label}] {cell.run_dir(matrix_dir) / CONSOLE_LOG}\n")
+        console.write("\n".join(log[-15:]) + "\n")
+    return outcome
