@@ -29,7 +29,6 @@ Without CUDA (and without --smoke) it says why it skips and exits 0. The measure
 """
 
 import argparse
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,18 +37,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Bench, workload
+from bench.common import Bench, gpu_slug, workload
 from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
 from bench.op import run_op_section
 from bench.render import write_report
 from bench.report import DEFAULT_SECTIONS, SECTIONS, empty_sections, finalize, merge_earlier
 from bench.step import STEP_VARIANTS, run_step_accum_section, run_step_section
-
-
-def gpu_slug(device) -> str:
-    if device.type != "cuda":
-        return "cpu-smoke"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def parse_args(argv):

@@ -5,7 +5,9 @@ failing measurement in the report instead of raising.
 """
 
 import contextlib
+import dataclasses
 import gc
+import re
 import statistics
 import time
 import traceback
@@ -23,8 +25,9 @@ MODES = ("eager", "compiled")
 # ---- settings ---------------------------------------------------------------------------------
 
 def model_settings(n_layer, n_head, n_embd, block_size):
-    return ModelSettings(size="custom", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                         dropout=0.0, bias=True, tie_weights=True, init_from="scratch", hf_checkpoint_dir="")
+    """GPT-2's defaults (gpt2.settings) at another size."""
+    return dataclasses.replace(ModelSettings(), size="custom", n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                               block_size=block_size)
 
 
 def attention_settings(variant, rank, threshold=0.0):
@@ -35,9 +38,8 @@ def attention_settings(variant, rank, threshold=0.0):
                              discoverability=extra == "disc", self_restart=False)
 
 
-NO_KV = KVPruningSettings(enabled=False, keep_ratio=1.0, recency_window=0, use_sampling=False,
-                          sampling_min_length=0, sample_fraction=0.0)
-STANDARD_MLP = MLPSettings(kind="standard", expansion=4, reciprocal_ff=0, mixer=False, gates=False)
+NO_KV = KVPruningSettings()  # the defaults: pruning off
+STANDARD_MLP = MLPSettings()  # the defaults: GPT-2's MLP
 
 
 def workload(smoke: bool) -> dict:
@@ -154,6 +156,12 @@ def autocast(device):
 def act_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
+
+def gpu_slug(device) -> str:
+    """The GPU's name as a file-name part ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"); "cpu-smoke" off CUDA."""
+    if device.type != "cuda":
+        return "cpu-smoke"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def compile_fn(fn, smoke):

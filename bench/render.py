@@ -3,6 +3,7 @@
 import math
 
 from gpt2.io import atomic_write_json, atomic_write_text
+from lib.report.markdown import md_table
 
 from .common import MODES
 from .op import op_variants
@@ -16,18 +17,21 @@ def sdpa_lines(report):
     base = sd["rows"][0].get("default")
     lines = ["## SDPA kernels at the folded widths", "",
              f"Causal SDPA forward+backward at B{sd['shape'][0]} H{sd['shape'][1]} T{sd['shape'][2]}, ms "
-             f"(x the default kernel at q/k = v = 64); n/a = the kernel refuses the shape.", "",
-             "| q/k dim | v dim | " + " | ".join(sd["kernels"]) + " |", "|---|---|" + "---|" * len(sd["kernels"])]
-    for r in sd["rows"]:
-        cells = [f"{fmt(r.get(k))} ({fmt(r[k] / base if r.get(k) and base else None, '.2f', 'x')})"
-                 for k in sd["kernels"]]
-        lines.append(f"| {r['dqk']} | {r['dv']} | " + " | ".join(cells) + " |")
-    return lines + [""]
+             f"(x the default kernel at q/k = v = 64); n/a = the kernel refuses the shape.", ""]
+    rows = [[r["dqk"], r["dv"]] + [f"{fmt(r.get(k))} ({fmt(r[k] / base if r.get(k) and base else None, '.2f', 'x')})"
+                                   for k in sd["kernels"]]
+            for r in sd["rows"]]
+    return lines + table_lines(["q/k dim", "v dim", *sd["kernels"]], rows) + [""]
 
 
 
 def fmt(x, spec=".3f", unit=""):
     return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def table_lines(header, rows):
+    """A Markdown table (lib.report.markdown.md_table) as a list of lines, the form every section here returns."""
+    return md_table(header, rows).split("\n")
 
 
 def render_markdown(report) -> str:
@@ -49,17 +53,17 @@ def render_markdown(report) -> str:
         lines += [f"## {title}", "", what + ". eager = the module's own kernels; compiled = torch.compile with "
                   "static shapes, as the training step compiles (only where it differs from eager). ms = GPU time "
                   "(summed kernel durations); the last column is the compiled fwd+bwd by the wall clock, host "
-                  "overhead included.",
-                  "", "| backend | B, H, T, D | eager fwd ms | x SDPA | eager fwd+bwd ms | x SDPA | compiled fwd ms | "
-                  "x SDPA | compiled fwd+bwd ms | x SDPA | compiled fwd+bwd wall ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "overhead included.", ""]
+        rows = []
         for r in report[key]:
-            cells = []
+            cells = [r["label"], ", ".join(map(str, r["shape"]))]
             for mode in MODES:
                 for part in ("fwd", "fwd_bwd"):
                     cells += [fmt(r.get(f"{mode}_{part}_ms")), fmt(r.get(f"{mode}_{part}_ratio"), ".2f", "x")]
-            cells.append(fmt(r.get("compiled_fwd_bwd_wall_ms")))
-            lines.append(f"| {r['label']} | {', '.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
+            rows.append(cells + [fmt(r.get("compiled_fwd_bwd_wall_ms"))])
+        lines += table_lines(["backend", "B, H, T, D", "eager fwd ms", "x SDPA", "eager fwd+bwd ms", "x SDPA",
+                              "compiled fwd ms", "x SDPA", "compiled fwd+bwd ms", "x SDPA",
+                              "compiled fwd+bwd wall ms"], rows)
         lines.append("")
     if report.get("step"):
         sw = report["step"]["workload"]
@@ -76,15 +80,16 @@ def render_markdown(report) -> str:
                   "ra-same-flop's must move, with no arithmetic: the floor of that design). ra-unified and "
                   "ra-same-flop run their Triton kernels (weight composition, resp. the q~/k~ fold, one kernel each "
                   "way); a +plain variant is the same backend with the kernels switched off (its torch code, "
-                  "compiled by inductor).", "",
-                  "| variant | ms/step | tokens/s | x baseline | quartiles | warm-up (compile) s |",
-                  "|---|---|---|---|---|---|"]
+                  "compiled by inductor).", ""]
+        header = ["variant", "ms/step", "tokens/s", "x baseline", "quartiles", "warm-up (compile) s"]
+        rows = []
         for name, r in report["step"]["variants"].items():
             if "skipped" in r:
-                lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+                rows.append([name, f"skipped: {r['skipped']}"] + [""] * (len(header) - 2))
                 continue
-            lines.append(f"| {name} | {fmt(r.get('ms_per_step'), '.2f')} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
-                         f"{fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | {fmt(r.get('warmup_s'), '.1f')} |")
+            rows.append([name, fmt(r.get("ms_per_step"), ".2f"), fmt(r.get("tokens_per_s"), ",.0f"),
+                         fmt(r.get("ratio"), ".4f", "x"), quartiles(r), fmt(r.get("warmup_s"), ".1f")])
+        lines += table_lines(header, rows)
         lines.append("")
     if report.get("step-accum"):
         lines += step_accum_lines(report["step-accum"])
@@ -122,49 +127,49 @@ def gate_lines(g):
     lines = ["## Gate scaling on the QKV projection", "",
               f"x (B{g['shape']['B']}, T{g['shape']['T']}, C{g['shape']['H'] * g['shape']['D']}) -> QKV with per-head "
               f"gates on the query's {g['shape']['D'] - g['shape']['R']} standard and {g['shape']['R']} reciprocal "
-              "dims; forward+backward (gradients to x, W and the gates); GPU time.", "",
-              "| method | eager fwd+bwd ms | x GEMM only | compiled fwd+bwd ms | x GEMM only |",
-              "|---|---|---|---|---|"]
-    for r in g["rows"]:
-        lines.append(f"| {r['label']} | {fmt(r['eager_fwd_bwd_ms'])} | {fmt(r['eager_ratio'], '.3f', 'x')} | "
-                     f"{fmt(r['compiled_fwd_bwd_ms'])} | {fmt(r['compiled_ratio'], '.3f', 'x')} |")
-    return lines + [""]
+              "dims; forward+backward (gradients to x, W and the gates); GPU time.", ""]
+    rows = [[r["label"], fmt(r["eager_fwd_bwd_ms"]), fmt(r["eager_ratio"], ".3f", "x"),
+             fmt(r["compiled_fwd_bwd_ms"]), fmt(r["compiled_ratio"], ".3f", "x")] for r in g["rows"]]
+    return lines + table_lines(["method", "eager fwd+bwd ms", "x GEMM only", "compiled fwd+bwd ms", "x GEMM only"],
+                               rows) + [""]
 
 
 def kv_lines(kv):
     lines = ["## KV-pruning key selection", "",
               f"B1, H{kv['heads']} importance vectors, keep {100 * kv['keep_ratio']:.1f}%; sampled = threshold "
-              f"from a {100 * kv['sample_fraction']:.0f}% sample (at least 64), selection over all keys.", "",
-              "| T | sample | eager exact ms | eager sampled ms | exact / sampled | compiled exact ms | "
-              "compiled sampled ms | exact / sampled | sampled keep / k |", "|---|---|---|---|---|---|---|---|---|"]
+              f"from a {100 * kv['sample_fraction']:.0f}% sample (at least 64), selection over all keys.", ""]
+    rows = []
     for r in kv["rows"]:
-        cells = []
+        cells = [r["T"], r["sample"]]
         for mode in MODES:
             cells += [fmt(r.get(f"{mode}_exact_ms")), fmt(r.get(f"{mode}_sampled_ms")),
                       fmt(r.get(f"{mode}_speedup"), ".2f", "x")]
-        lines.append(f"| {r['T']} | {r['sample']} | " + " | ".join(cells) + f" | {fmt(r['sampled_keep_over_k'], '.3f')} |")
-    return lines + [""]
+        rows.append(cells + [fmt(r["sampled_keep_over_k"], ".3f")])
+    return lines + table_lines(["T", "sample", "eager exact ms", "eager sampled ms", "exact / sampled",
+                                "compiled exact ms", "compiled sampled ms", "exact / sampled", "sampled keep / k"],
+                               rows) + [""]
 
 
 def ladder_and_goal_lines(report):
     lines = ["## The original study's optimisation ladder", "",
               "Their figures were measured on a smaller GPU; ours on this one (op: attention op fwd+bwd at the "
               "first shape, x SDPA, compiled where measured (ra-reference: eager); step: whole training step, "
-              "x baseline).", "",
-              "| rung | original | our backend | ours |", "|---|---|---|---|"]
-    for row in report["ladder"]:
-        lines.append(f"| {row['rung']} | {row['original']}x | {row['backend']} ({row['kind']}) | "
-                     f"{fmt(row['ours'], '.2f', 'x')} |")
-    lines += ["", "## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
+              "x baseline).", ""]
+    lines += table_lines(["rung", "original", "our backend", "ours"],
+                         [[row["rung"], f"{row['original']}x", f"{row['backend']} ({row['kind']})",
+                           fmt(row["ours"], ".2f", "x")] for row in report["ladder"]])
+    lines += ["", "## Goals", ""]
     step_variants = (report.get("step") or {}).get("variants") or {}
     control = step_variants.get("sdpa+again", {})
     noise = step_resolution(control)
+    rows = []
     for name, v in report["goals"].items():
         verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "missed")
         near = noise is not None and v["met"] is not None and abs(v["value"] - v["goal"]) < noise
         if near and "whole step" in name:  # the step section's goals, which the A/A control speaks for
             verdict += " (within the A/A noise)"
-        lines.append(f"| {name} | {fmt(v['value'], '.3f')} | {verdict} |")
+        rows.append([name, fmt(v["value"], ".3f"), verdict])
+    lines += table_lines(["goal", "measured", "verdict"], rows)
     if noise is not None:
         lines += ["", f"Resolution of the whole-step ratios: the A/A control (sdpa+again, a second baseline model) "
                       f"measured {control['ratio']:.4f}x (quartiles {quartiles(control)}) in the same run, so a "
@@ -243,19 +248,20 @@ def step_accum_lines(sa):
              "clip 1.0. ra-unified composes its QKV weight once per optimizer step (cached composition, as "
              "single-process training does; under DDP it composes per micro-step). All variants built and warmed "
              f"up first, then {sw['rounds']} interleaved rounds of {sw['steps_per_round']} optimizer steps; median "
-             "round; x baseline as in the step section (each timing over the sdpa timings around it).", "",
-             "| variant | ms/optimizer step | ms/micro-step | tokens/s | x baseline | quartiles | cached composition | "
-             "warm-up (compile) s |", "|---|---|---|---|---|---|---|---|"]
+             "round; x baseline as in the step section (each timing over the sdpa timings around it).", ""]
+    header = ["variant", "ms/optimizer step", "ms/micro-step", "tokens/s", "x baseline", "quartiles",
+              "cached composition", "warm-up (compile) s"]
+    rows = []
     for name, r in sa["variants"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
+            rows.append([name, f"skipped: {r['skipped']}"] + [""] * (len(header) - 2))
             continue
         ms = r.get("ms_per_step")
         cached = {True: "yes", False: "no"}.get(r.get("cached_composition"), "n/a")
-        lines.append(f"| {name} | {fmt(ms, '.2f')} | {fmt(ms / sw['accum'] if ms else None, '.2f')} | "
-                     f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('ratio'), '.4f', 'x')} | {quartiles(r)} | "
-                     f"{cached} | {fmt(r.get('warmup_s'), '.1f')} |")
-    return lines + [""]
+        rows.append([name, fmt(ms, ".2f"), fmt(ms / sw["accum"] if ms else None, ".2f"),
+                     fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("ratio"), ".4f", "x"), quartiles(r), cached,
+                     fmt(r.get("warmup_s"), ".1f")])
+    return lines + table_lines(header, rows) + [""]
 
 
 def write_report(report, stem, png):

@@ -7,7 +7,7 @@
 Workload (the yardstick of docs and shared/MEASUREMENTS.md): GPT-2 124M (12 x 768, 12 heads, GPT-2 vocabulary),
 block 1024, micro-batch 16, bf16 autocast, torch.compile, fused AdamW, grad clip 1.0, random tokens.
 
-  ours  gpt2.model.gpt.GPT + gpt2.train.optim.build_optimizer + gpt2.train.trainer.TrainStep (the code `make` trains with)
+  ours  gpt2.model.gpt.GPT + gpt2.train.optim.build_optimizer + gpt2.train.step.TrainStep (the code `make` trains with)
   bare  a minimal stand-alone model and loop written here (nanoGPT style, vocabulary padded to 50304)
 
 Writes results/bench/train-<gpu>.md and .json: tokens/s, ms/step, MFU and peak memory of both, and the
@@ -17,7 +17,6 @@ without --smoke) it prints why it skips and exits 0.
 
 import argparse
 import gc
-import re
 import statistics
 import sys
 import time
@@ -30,11 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.train.metrics import flops_per_token, peak_flops
-from gpt2.model.gpt import GPT, baseline_attention, baseline_mlp, no_kv_pruning
+from gpt2.model.gpt import GPT
 from gpt2.train.optim import build_optimizer
-from gpt2.train.trainer import TrainStep
+from gpt2.train.step import TrainStep
 from gpt2.io import atomic_write_json, atomic_write_text
-from gpt2.settings import ModelSettings, OptimizerSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings, OptimizerSettings
+from lib.report.markdown import md_table
+
+from bench.common import gpu_slug
 
 GOAL_TOKENS_PER_S = 440_000
 GOAL_RATIO = 0.95
@@ -142,7 +144,7 @@ def ours_step_fn(w, device):
     settings = ModelSettings(size="custom", n_layer=w["n_layer"], n_head=w["n_head"], n_embd=w["n_embd"],
                              block_size=w["block_size"], dropout=0.0, bias=True, tie_weights=True,
                              init_from="scratch", hf_checkpoint_dir="")
-    model = GPT(settings, baseline_attention(), baseline_mlp(), no_kv_pruning(), w["vocab_size"], seed=1).to(device)
+    model = GPT(settings, AttentionSettings(), MLPSettings(), KVPruningSettings(), w["vocab_size"], seed=1).to(device)
     opt_settings = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
                                      spam_reset_interval=0, spam_warmup=0)
     optimizer = build_optimizer(model, opt_settings, 6e-4, device.type)
@@ -197,12 +199,6 @@ def measure(name, build, w, device, warmup, steps, repeats) -> dict:
     return result
 
 
-def gpu_slug(device) -> str:
-    if device.type != "cuda":
-        return "cpu-smoke"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
 def render_markdown(report: dict) -> str:
     w, ours, bare = report["workload"], report["ours"], report["bare"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "n/a"  # noqa: E731
@@ -217,13 +213,9 @@ def render_markdown(report: dict) -> str:
         f"grad clip 1.0, random tokens. Median of {report['repeats']} rounds of {report['steps']} steps after "
         f"{report['warmup']} warm-up steps; both loops in one process.",
         "",
-        "| loop | ms/step | tokens/s | MFU | peak memory |",
-        "|---|---|---|---|---|",
-    ]
-    for r in (ours, bare):
-        lines.append(f"| {r['name']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {pct(r['mfu'])} | "
-                     f"{gib(r['peak_mem_bytes'])} |")
-    lines += [
+        md_table(["loop", "ms/step", "tokens/s", "MFU", "peak memory"],
+                 [[r["name"], f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", pct(r["mfu"]),
+                   gib(r["peak_mem_bytes"])] for r in (ours, bare)]),
         "",
         f"ours / bare throughput: **{pct(report['ratio'])}**",
         "",
@@ -235,8 +227,8 @@ def render_markdown(report: dict) -> str:
         f">= {pct(GOAL_RATIO)} of the bare loop: **{'met' if report['goal_ratio_met'] else 'missed'}**"
         + (" (smoke run on tiny sizes: goals do not apply)" if report["smoke"] else ""),
         "",
-        "ours = gpt2.model.gpt.GPT + gpt2.train.optim.build_optimizer + gpt2.train.trainer.TrainStep; "
-        "bare = the minimal model and loop in scripts/bench_train.py.",
+        "ours = gpt2.model.gpt.GPT + gpt2.train.optim.build_optimizer + gpt2.train.step.TrainStep; "
+        "bare = the minimal model and loop in bench/train.py.",
         "",
     ]
     return "\n".join(lines)
@@ -270,7 +262,7 @@ def main(argv=None) -> int:
     n_params = GPT(ModelSettings(size="custom", n_layer=w["n_layer"], n_head=w["n_head"], n_embd=w["n_embd"],
                                  block_size=w["block_size"], dropout=0.0, bias=True, tie_weights=True,
                                  init_from="scratch", hf_checkpoint_dir=""),
-                   baseline_attention(), baseline_mlp(), no_kv_pruning(), w["vocab_size"]).num_params(True)
+                   AttentionSettings(), MLPSettings(), KVPruningSettings(), w["vocab_size"]).num_params(True)
     fpt = flops_per_token(n_params, w["n_layer"], w["n_head"], w["n_embd"] // w["n_head"], w["block_size"])
     peak = peak_flops(device)
     for r in (ours, bare):

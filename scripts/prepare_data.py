@@ -6,8 +6,6 @@ meta.json) unless that directory is already current, then says where it is.
 
 import argparse
 import sys
-from pathlib import Path
-
 
 from gpt2.data.prepare import load_meta, prepare
 from gpt2.data.wheel_assets import AssetFetchError

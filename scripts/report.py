@@ -9,21 +9,8 @@ The report is built only from the files in the directory, so it can be rewritten
 
 import argparse
 import sys
-from pathlib import Path
 
-
-from lib.report.writer import newest_reportable, write_report
-
-
-def _results_dir(config_path) -> Path:
-    """The configured results directory; without a readable config, the default one."""
-    from lib import config as cfg
-    from lib.config import REPO_ROOT as root, results_dir
-
-    try:
-        return results_dir(cfg.load_settings(config_path, environ={}).general)
-    except cfg.ConfigError:
-        return root / "results"
+from lib.report.writer import configured_results_dir, newest_reportable, write_report
 
 
 def main(argv=None) -> int:
@@ -32,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=".config", help="finds the results directory when none is given")
     args = parser.parse_args(argv)
     try:
-        directory = args.directory or newest_reportable(_results_dir(args.config))
+        directory = args.directory or newest_reportable(configured_results_dir(args.config))
         path = write_report(directory)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,9 +1,5 @@
 """`make steps`: list the ablation steps and the Kconfig symbols each one sets."""
 
-import sys
-from pathlib import Path
-
-
 from lib.config.steps import load_steps
 
 if __name__ == "__main__":

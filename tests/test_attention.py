@@ -4,7 +4,8 @@ equalities between backends, routing, discoverability, self-restart, gates and i
 import pytest
 import torch
 
-from gpt2.model.attention import BACKENDS, RoutingMonitor, build_attention, cached_composition, refresh_head_routing
+from gpt2.model.attention import BACKENDS, build_attention
+from gpt2.model.attention.hooks import RoutingMonitor, cached_composition, refresh_head_routing
 from gpt2.model.attention.gates import Gate, SelfRestart
 from test_attention_helpers import (ALL_BACKENDS, FORM, RA_BACKENDS, attn_settings, explicit_attention, kv_settings,
                                     model_settings, randomize, rel_err)

@@ -19,7 +19,7 @@ FORM = {"sdpa": "sdpa", "ra-reference": "full", "ra-fold-full": "full", "ra-fold
 
 def model_settings(n_embd=32, n_head=4, bias=True, dropout=0.0, block_size=64, n_layer=2):
     return ModelSettings(size="custom", n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                         dropout=dropout, bias=bias, tie_weights=True, init_from="scratch", hf_checkpoint_dir="")
+                         dropout=dropout, bias=bias)
 
 
 def attn_settings(backend="sdpa", rank=2, gate="per-head", w_std=1.0, w_rec=0.5, threshold=0.0, l1=0.0,

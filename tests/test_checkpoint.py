@@ -1,5 +1,6 @@
 """Checkpoints and run-directory files: exact resume, refusal of corrupt or mismatched checkpoints, atomic writes."""
 
+import io
 import json
 import os
 import shutil
@@ -100,10 +101,14 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
+    np.random.randn(), random.gauss(0, 1)  # leave a cached Gaussian in both generators' state
     state = ckpt.capture_rng_state()
-    first = (torch.rand(3), np.random.rand(), random.random())
-    ckpt.restore_rng_state(state)
-    again = (torch.rand(3), np.random.rand(), random.random())
+    first = (torch.rand(3), np.random.rand(), random.random(), np.random.randn(), random.gauss(0, 1))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    ckpt.restore_rng_state(torch.load(buffer, weights_only=True))  # plain values only: no pickled classes
+    again = (torch.rand(3), np.random.rand(), random.random(), np.random.randn(), random.gauss(0, 1))
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 

@@ -116,6 +116,25 @@ def test_reciprocal_rank_must_fit_the_head_dimension(tmp_path):
         cfg.load_settings(path, environ={})
 
 
+def test_width_must_split_into_the_heads(tmp_path):
+    path = write(tmp_path, "CONFIG_MODEL_SIZE_CUSTOM=y\nCONFIG_MODEL_N_HEAD=3\nCONFIG_MODEL_N_EMBD=100\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:3: CONFIG_MODEL_N_EMBD=100 is not divisible by "
+                                              r"CONFIG_MODEL_N_HEAD=3"):
+        cfg.load_settings(path, environ={})
+
+
+def test_reciprocal_mlp_units_must_leave_standard_ones(tmp_path):
+    path = write(tmp_path, "CONFIG_MODEL_SIZE_GPT2_TINY=y\nCONFIG_MLP_RECIPROCAL=y\nCONFIG_MLP_RA_RFF=256\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:3: CONFIG_MLP_RA_RFF=256 is outside 1\.\.255"):
+        cfg.load_settings(path, environ={})
+
+
+def test_a_run_without_any_budget_is_refused(tmp_path):
+    path = write(tmp_path, "CONFIG_GPT2_MAX_TIME=0\nCONFIG_TRAIN_MAX_ITERS=0\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig: no budget: .* both 0, so the run would never stop"):
+        cfg.load_settings(path, environ={})
+
+
 def test_unimplemented_option_is_refused_not_ignored(tmp_path):
     path = write(tmp_path, "CONFIG_TRACKING_WANDB=y\n")
     with pytest.raises(cfg.ConfigError, match=r"CONFIG_TRACKING_WANDB=y .*not implemented yet"):

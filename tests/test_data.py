@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2.data import batches as gb
 from gpt2.data import prepare as gd
 from gpt2.data import shakespeare
 from gpt2.data.tokenizer import get_tokenizer
@@ -314,26 +315,26 @@ def take(source, n_batches):
 
 def test_batch_shapes_and_targets(tmp_path):
     path = synthetic_data(tmp_path, 5000, 1000)
-    x, y = gd.BatchSource(path, "train", block_size=16, batch_size=4, seed=0).next()
+    x, y = gb.BatchSource(path, "train", block_size=16, batch_size=4, seed=0).next()
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(y, x + 1)
 
 
 def test_batches_deterministic_in_seed(tmp_path):
     path = synthetic_data(tmp_path, 5000, 1000)
-    a = take(gd.BatchSource(path, "train", 16, 4, seed=7), 5)
-    b = take(gd.BatchSource(path, "train", 16, 4, seed=7), 5)
-    c = take(gd.BatchSource(path, "train", 16, 4, seed=8), 5)
+    a = take(gb.BatchSource(path, "train", 16, 4, seed=7), 5)
+    b = take(gb.BatchSource(path, "train", 16, 4, seed=7), 5)
+    c = take(gb.BatchSource(path, "train", 16, 4, seed=8), 5)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
 
 
 def test_resume_continues_exactly_across_epochs(tmp_path):
     path = synthetic_data(tmp_path, 400, 100)  # 400 // 16 - 1 = 24 windows: an epoch is 6 batches of 4
-    original = gd.BatchSource(path, "train", 16, 4, seed=3)
+    original = gb.BatchSource(path, "train", 16, 4, seed=3)
     take(original, 8)
     state = json.loads(json.dumps(original.state_dict()))  # survives a checkpoint round trip
-    resumed = gd.BatchSource(path, "train", 16, 4, seed=3)
+    resumed = gb.BatchSource(path, "train", 16, 4, seed=3)
     resumed.load_state_dict(state)
     for (xo, yo), (xr, yr) in zip(take(original, 10), take(resumed, 10)):
         assert torch.equal(xo, xr) and torch.equal(yo, yr)
@@ -341,21 +342,21 @@ def test_resume_continues_exactly_across_epochs(tmp_path):
 
 def test_resume_refuses_other_layout(tmp_path):
     path = synthetic_data(tmp_path, 400, 100)
-    state = gd.BatchSource(path, "train", 16, 4, seed=3).state_dict()
+    state = gb.BatchSource(path, "train", 16, 4, seed=3).state_dict()
     with pytest.raises(ValueError, match="seed: saved 3 vs now 4"):
-        gd.BatchSource(path, "train", 16, 4, seed=4).load_state_dict(state)
+        gb.BatchSource(path, "train", 16, 4, seed=4).load_state_dict(state)
 
 
 def test_epoch_visits_every_window_once_and_ranks_are_disjoint(tmp_path):
     block = 16
     path = synthetic_data(tmp_path, 1000, 100)  # 61 windows: 30 per rank for 2 ranks
-    whole = torch.cat([x for x, _ in take(gd.BatchSource(path, "train", block, 1, seed=5), 61)])
+    whole = torch.cat([x for x, _ in take(gb.BatchSource(path, "train", block, 1, seed=5), 61)])
     starts = whole[:, 0]
     assert len(set(starts.tolist())) == 61 and len(set((starts % block).tolist())) == 1
 
     per_rank = []
     for rank in range(2):
-        source = gd.BatchSource(path, "train", block, 5, seed=5, rank=rank, world_size=2)
+        source = gb.BatchSource(path, "train", block, 5, seed=5, rank=rank, world_size=2)
         per_rank.append({int(x[i, 0]) for x, _ in take(source, 6) for i in range(5)})  # 30 windows = one epoch
     assert len(per_rank[0]) == len(per_rank[1]) == 30
     assert not per_rank[0] & per_rank[1]
@@ -366,17 +367,17 @@ def test_epoch_visits_every_window_once_and_ranks_are_disjoint(tmp_path):
 def test_batch_source_errors(tmp_path):
     path = synthetic_data(tmp_path, 40, 40)
     with pytest.raises(ValueError, match="too few for one window"):
-        gd.BatchSource(path, "train", 32, 2, seed=0)
+        gb.BatchSource(path, "train", 32, 2, seed=0)
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
-        gd.BatchSource(path, "train", 4, 2, seed=0, rank=2, world_size=2)
+        gb.BatchSource(path, "train", 4, 2, seed=0, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="make data"):
-        gd.BatchSource(tmp_path / "nowhere", "train", 4, 2, seed=0)
+        gb.BatchSource(tmp_path / "nowhere", "train", 4, 2, seed=0)
 
 
 def test_fixed_eval_batches_are_fixed_and_span_val(tmp_path):
     path = synthetic_data(tmp_path, 1000, 999)
-    first = gd.fixed_eval_batches(path, block_size=8, batch_size=3, n_batches=4)
-    again = gd.fixed_eval_batches(path, block_size=8, batch_size=3, n_batches=4)
+    first = gb.fixed_eval_batches(path, block_size=8, batch_size=3, n_batches=4)
+    again = gb.fixed_eval_batches(path, block_size=8, batch_size=3, n_batches=4)
     assert len(first) == 4 and first[0][0].shape == (3, 8)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert first[0][0][0, 0] == 0 and first[-1][1][-1, -1] == 998  # first and last token of val
@@ -385,13 +386,13 @@ def test_fixed_eval_batches_are_fixed_and_span_val(tmp_path):
 def test_unigram_entropy(tmp_path):
     path = synthetic_data(tmp_path, 10, 10)
     np.array([0, 0, 1, 1], dtype=np.uint16).tofile(path / "val.bin")
-    assert gd.unigram_entropy(path) == pytest.approx(math.log(2))
+    assert gb.unigram_entropy(path) == pytest.approx(math.log(2))
     np.array([0, 1, 2, 3] * 5, dtype=np.uint16).tofile(path / "val.bin")
-    assert gd.unigram_entropy(path, chunk_tokens=3) == pytest.approx(math.log(4))
+    assert gb.unigram_entropy(path, chunk_tokens=3) == pytest.approx(math.log(4))
 
 
 def test_unigram_entropy_of_shakespeare_chars(shakespeare_char):
-    entropy = gd.unigram_entropy(shakespeare_char)
+    entropy = gb.unigram_entropy(shakespeare_char)
     assert 2.5 < entropy < math.log(gd.load_meta(shakespeare_char)["vocab_size"])
 
 

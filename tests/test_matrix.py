@@ -17,15 +17,11 @@ from pathlib import Path
 import pytest
 
 from lib.matrix import cell as matrix_cell
-
+from lib.matrix import describe as matrix_describe
 from lib.matrix import gpus as matrix_gpus
-
 from lib.matrix import plan as matrix_plan
-
 from lib.matrix import process as matrix_process
-
 from lib.matrix import scheduler as matrix_run
-
 from lib.matrix import state as matrix_state
 from lib.matrix.plan import PlanError, build_plan, save_plan
 from lib.matrix.state import MatrixLocked, matrix_lock, read_state
@@ -110,8 +106,8 @@ def test_plan_crosses_steps_and_seeds_and_validates_every_cell(matrix_config, tm
     again = build_plan(config, tmp_path / "m2", environ={"GPT2_MAX_TIME": "7200"})
     assert again.hash == plan.hash
     shorter = build_plan(config, tmp_path / "m3", environ={"GPT2_MAX_TIME": "60"})
-    assert any("GPT2_MAX_TIME: 7200 -> 60" in c for c in matrix_plan.describe_changes(plan, shorter))
-    text = matrix_plan.describe_plan(plan, tmp_path / "m", parallel=1)
+    assert any("GPT2_MAX_TIME: 7200 -> 60" in c for c in matrix_describe.describe_changes(plan, shorter))
+    text = matrix_describe.describe_plan(plan, tmp_path / "m", parallel=1)
     assert "[V1/s1]" in text and "ATTN_BACKEND_RA_UNIFIED=y" in text and "SEED: 1 -> 2" in text
     assert "7200 s budget x 6 cells / 1 at once = 12.0 h" in text
 

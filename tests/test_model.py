@@ -8,8 +8,8 @@ import torch.nn as nn
 
 import gpt2.model.gpt as model_module
 from gpt2.model.attention.sdpa import SDPAAttention
-from gpt2.model.gpt import GPT, baseline_attention, baseline_mlp, build_model, no_kv_pruning
-from gpt2.settings import ModelSettings
+from gpt2.model.gpt import GPT, build_model
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
 
 def tiny(**overrides) -> ModelSettings:
@@ -20,7 +20,7 @@ def tiny(**overrides) -> ModelSettings:
 
 
 def make(vocab=100, seed=1, **overrides) -> GPT:
-    return GPT(tiny(**overrides), baseline_attention(), baseline_mlp(), no_kv_pruning(), vocab, seed=seed)
+    return GPT(tiny(**overrides), AttentionSettings(), MLPSettings(), KVPruningSettings(), vocab, seed=seed)
 
 
 def hf_model(tmp_path, vocab=100, n_positions=32, safetensors=True, tie=True):
@@ -80,7 +80,7 @@ def test_build_model_hf_init_uses_checkpoint(tmp_path):
 
     class S:  # the slice of Settings build_model reads
         model = tiny(init_from="hf", hf_checkpoint_dir=str(directory))
-        attention, mlp, kv_pruning = baseline_attention(), baseline_mlp(), no_kv_pruning()
+        attention, mlp, kv_pruning = AttentionSettings(), MLPSettings(), KVPruningSettings()
 
         class general:
             seed = 3
@@ -116,7 +116,7 @@ def test_init_is_gpt2_and_seeded_by_name():
     n_layer = a.settings.n_layer
     assert torch.equal(a.transformer.h[0].ln_1.weight, torch.ones(32))
     assert torch.equal(a.transformer.h[0].attn.c_attn.bias, torch.zeros(96))
-    big = GPT(tiny(n_embd=256, n_head=4), baseline_attention(), baseline_mlp(), no_kv_pruning(), 100, seed=1)
+    big = GPT(tiny(n_embd=256, n_head=4), AttentionSettings(), MLPSettings(), KVPruningSettings(), 100, seed=1)
     std = lambda t: t.detach().std().item()  # noqa: E731
     assert abs(std(big.transformer.h[0].mlp.c_fc.weight) - 0.02) < 0.001
     assert abs(std(big.transformer.h[0].attn.c_proj.weight) - 0.02 / math.sqrt(2 * n_layer)) < 0.001

@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 
-from gpt2.model.gpt import GPT, baseline_attention, baseline_mlp, no_kv_pruning
+from gpt2.model.gpt import GPT
 from gpt2.train.optim import AdamWSpam, build_optimizer, lr_at, param_groups
-from gpt2.settings import ModelSettings, OptimizerSettings, TrainSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings, OptimizerSettings, TrainSettings
 from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings
 
 
 def tiny_model():
     settings = ModelSettings(size="custom", n_layer=2, n_head=2, n_embd=16, block_size=8, dropout=0.0, bias=True,
                              tie_weights=True, init_from="scratch", hf_checkpoint_dir="")
-    return GPT(settings, baseline_attention(), baseline_mlp(), no_kv_pruning(), 50, seed=0)
+    return GPT(settings, AttentionSettings(), MLPSettings(), KVPruningSettings(), 50, seed=0)
 
 
 def opt_settings(name="adamw", **kw):

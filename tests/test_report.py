@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from lib.report import writer as report
-
 from lib.report import stats as report_stats
 from lib.matrix.plan import build_plan, save_plan
 from lib.matrix.state import CellState, write_state

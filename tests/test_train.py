@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpt2.train import trainer as train
-from gpt2.train.trainer import Budget
+from gpt2.train.budget import Budget, BudgetClock, Progress
 from lib.config import load_settings
 from gpt2.io import read_jsonl
 
@@ -85,6 +85,24 @@ def test_budget_fraction_and_stop():
     assert Budget(0, 100).next_check(5, 0.0, step_time_s=0.5, mean_step_s=0.5, log_interval=10) == 15
     with pytest.raises(ValueError, match="no budget"):
         Budget(0, 0)
+
+
+def test_budget_clock_charges_agreed_chunks_and_extrapolates_the_lr_fraction():
+    syncs = []
+    clock = BudgetClock(Budget(max_time_s=10, max_iters=0), iters=0, sync=lambda: syncs.append(1))
+    p = Progress(iters=2, train_time_s=0.0)  # two warm-up steps: charged to compile time, not here
+    assert clock.check_due(1) and clock.chunk_elapsed_s() == 0.0 and not syncs  # an empty chunk needs no sync
+    assert clock.fraction_after_next_step(p) == 0.0  # no step time measured yet
+    clock.open_chunk()
+    for _ in range(4):
+        clock.count_step()
+    assert clock.chunk_elapsed_s() >= 0.0 and syncs == [1]
+    clock.close_chunk(2.0, p, tokens_per_iter=100)  # the time all ranks agreed on
+    assert (p.train_time_s, p.timed_iters, p.timed_tokens, clock.step_time_s) == (2.0, 4, 400, 0.5)
+    clock.count_step()  # one step into the next chunk: the coming one ends at 2 + 2 x 0.5 s
+    assert clock.fraction_after_next_step(p) == pytest.approx(0.3)
+    clock.plan_next_check(p, log_interval=100)
+    assert clock.next_check == 2 + 16  # 8 s left at 0.5 s per step
 
 
 def test_script_writes_self_describing_run_dir(make_config, tmp_path):
@@ -383,7 +401,6 @@ def test_cached_composition_default_is_single_process_accumulation_only():
     from gpt2.train.step import TrainStep
 
     model = torch.nn.Linear(2, 2)
-    model.attention_modules = lambda: []
     make = lambda **kw: TrainStep(model, model, None, device=torch.device("cpu"), precision="fp32",  # noqa: E731
                                   grad_clip=0.0, **kw)
     assert make(grad_accum=4).cache_composition

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.model.attention import build_attention
+from gpt2.model.attention.hooks import RoutingMonitor, cached_composition
 from gpt2.model.mlp import build_mlp
 from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
@@ -60,6 +61,24 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2 (module doc) with the hooks a trainer calls around its optimizer step.
+
+    A trainer knows the model only through forward() and these; what an attention variant does behind
+    them stays in gpt2/model/attention, and for plain GPT-2 each is a no-op:
+
+        accumulation(compiled)  context manager around one optimizer step's forward/backward micro-steps.
+                                ra-unified composes its QKV weights once inside it and sends their gradient
+                                back through the composition when it closes; so not under DDP, whose
+                                all-reduce runs before that (gpt2.train.step.TrainStep).
+        regularization_loss()   a term the trainer adds to the objective once per optimizer step, or None.
+        refresh_routing()       recompute what compiled forwards hold constant (head-selective routing)
+                                after the parameters changed; one log line per layer whose routing changed.
+        gate_values()           the attention gates per layer, for metrics.json ([] without gates).
+
+    The last two collect the attention modules' regularization_loss() and gate_values(), which
+    AttentionBase defines as None and {} and the RA backends override.
+    """
+
     def __init__(self, model: ModelSettings, attention: AttentionSettings, mlp: MLPSettings,
                  kv_pruning: KVPruningSettings, vocab_size: int, seed: int = 0):
         super().__init__()
@@ -84,6 +103,7 @@ class GPT(nn.Module):
         mask[vocab_size:] = float("-inf")
         self.register_buffer("vocab_mask", mask, persistent=False)  # not in state_dict
         self.init_shared_weights(seed)
+        self.routing = RoutingMonitor(self)  # the layers with head-selective routing (often none)
 
     # ---- initialisation ---------------------------------------------------------------
 
@@ -150,17 +170,28 @@ class GPT(nn.Module):
     def attention_modules(self):
         return [block.attn for block in self.transformer.h]
 
-    def regularization_loss(self):
-        """Sum of the attention modules' regularization_loss() (None when no module has one)."""
-        terms = [m.regularization_loss() for m in self.attention_modules() if hasattr(m, "regularization_loss")]
+    # ---- hooks the trainer calls (class doc) ------------------------------------------
+
+    def accumulation(self, compiled: bool = False):
+        """Context manager for one optimizer step's micro-steps; `compiled`: the model runs under torch.compile."""
+        return cached_composition(self, compiled)
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """Sum of the attention modules' regularization terms (None when no module has one)."""
+        terms = [t for t in (m.regularization_loss() for m in self.attention_modules()) if t is not None]
         return sum(terms) if terms else None
 
+    def refresh_routing(self) -> list:
+        """Recompute head-selective routing; log lines for the layers whose routing changed since last time."""
+        return self.routing.refresh()
+
     def gate_values(self) -> list:
-        """[{"layer": i, "w_std": [...], "w_rec": [...]}] for attention modules that have gates."""
+        """[{"layer": i, "w_std": [...], "w_rec": [...]}] for the attention modules that have gates."""
         out = []
         for i, m in enumerate(self.attention_modules()):
-            if hasattr(m, "gate_values"):
-                out.append({"layer": i, **{k: [float(v) for v in vals] for k, vals in m.gate_values().items()}})
+            gates = m.gate_values()
+            if gates:
+                out.append({"layer": i, **{k: [float(v) for v in vals] for k, vals in gates.items()}})
         return out
 
     # ---- Hugging Face checkpoints -----------------------------------------------------
@@ -192,7 +223,7 @@ class GPT(nn.Module):
                                    f"{hf_model.block_size}")
             if differences:
                 raise ValueError(f"{config_path} does not match the configured model: " + "; ".join(differences))
-        gpt = cls(model, attention or baseline_attention(), mlp or baseline_mlp(), kv_pruning or no_kv_pruning(),
+        gpt = cls(model, attention or AttentionSettings(), mlp or MLPSettings(), kv_pruning or KVPruningSettings(),
                   vocab_size=hf["vocab_size"], seed=seed)
         gpt.load_hf_state_dict(read_hf_weights(directory), source=str(directory))
         return gpt
@@ -274,21 +305,6 @@ def read_hf_weights(directory) -> dict:
 
 
 # Settings of the plain GPT-2 architecture, for loading checkpoints without a .config.
-def baseline_attention() -> AttentionSettings:
-    return AttentionSettings(backend="sdpa", reciprocal_rank=0, gate_granularity="per-head", w_std_init=1.0,
-                             w_rec_init=0.0, head_select_threshold=0.0, w_rec_l1=0.0, discoverability=False,
-                             self_restart=False)
-
-
-def baseline_mlp() -> MLPSettings:
-    return MLPSettings(kind="standard", expansion=4, reciprocal_ff=0, mixer=False, gates=False)
-
-
-def no_kv_pruning() -> KVPruningSettings:
-    return KVPruningSettings(enabled=False, keep_ratio=1.0, recency_window=0, use_sampling=False,
-                             sampling_min_length=0, sample_fraction=0.0)
-
-
 def build_model(settings, vocab_size: int) -> GPT:
     """The model a run trains: from scratch, or from a Hugging Face checkpoint (CONFIG_MODEL_INIT_HF)."""
     if settings.model.init_from == "hf":

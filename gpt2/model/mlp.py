@@ -40,9 +40,7 @@ class ReciprocalMLP(MLP):
     def __init__(self, model: ModelSettings, mlp: MLPSettings):
         super().__init__(model, mlp)
         hidden = mlp.expansion * model.n_embd
-        if not 1 <= mlp.reciprocal_ff < hidden:
-            raise ValueError(f"CONFIG_MLP_RA_RFF={mlp.reciprocal_ff} is outside 1..{hidden - 1} "
-                             f"(below the hidden size {mlp.expansion} x {model.n_embd})")
+        mlp.check_reciprocal_ff(model.n_embd)
         self.reciprocal_ff = mlp.reciprocal_ff
         self.std_ff = hidden - mlp.reciprocal_ff
         # Starts at identity; never weight-decayed (decay would pull it to 0, switching the low units off).

@@ -9,11 +9,15 @@ is charged. The learning-rate schedule follows the budget fraction consumed,
     fraction = min(1, max(train_time / max_time, iters / max_iters)),
 
 so a time-limited run still completes its decay. `Progress` is what a checkpoint carries, so a resumed
-run spends only what is left.
+run spends only what is left; `BudgetClock` is the loop's time bookkeeping between its sync points.
 """
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
+
+from gpt2.settings import check_budget
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,7 @@ class Budget:
     max_iters: int  # 0 = no step cap
 
     def __post_init__(self):
-        if self.max_time_s <= 0 and self.max_iters <= 0:
-            raise ValueError("no budget: CONFIG_GPT2_MAX_TIME and CONFIG_TRAIN_MAX_ITERS are both 0; set one")
+        check_budget(self.max_time_s, self.max_iters)
 
     def fraction(self, train_time_s: float, iters: float) -> float:
         """Fraction of the budget consumed: the further along of time and steps, in [0, 1]."""
@@ -74,6 +77,69 @@ class Progress:
     last_eval_iter: int = -1
     last_train_loss: float | None = None
     sessions: int = 0
+
+
+class BudgetClock:
+    """Times the training loop's steps in chunks between sync points and plans the next budget check.
+
+    Steps after the warm-up run without host-device synchronisation; a sync point closes the open chunk,
+    and its elapsed time, agreed over ranks (the max), is charged to the budget. Every estimate here is
+    built from agreed times only, so every rank computes the same learning rate and stop decision.
+    """
+
+    def __init__(self, budget: Budget, iters: int, sync: Callable[[], None]):
+        self.budget = budget
+        self.sync = sync  # waits for the device, so that host time covers the queued steps
+        self.step_time_s = None  # agreed mean step time of the last closed chunk
+        self.session_time_s, self.session_steps = 0.0, 0  # timed steps of this process, for a steadier estimate
+        self.chunk_start, self.chunk_steps = None, 0
+        self.next_check = iters + 1
+
+    def mean_step_s(self) -> float:
+        return self.session_time_s / self.session_steps if self.session_steps else 0.0
+
+    def fraction_after_next_step(self, p: Progress) -> float:
+        """Budget fraction at the end of the coming step; its time part is extrapolated with the session's
+        mean step time over the steps of the open chunk and the coming one:
+
+            time = train_time_s + (chunk_steps + 1) * mean_step_s
+        """
+        expected_time_s = p.train_time_s + (self.chunk_steps + 1) * self.mean_step_s()
+        return self.budget.fraction(expected_time_s, p.iters + 1)
+
+    def count_step(self) -> None:
+        """One more timed (post-warm-up) step in the open chunk."""
+        self.chunk_steps += 1
+
+    def check_due(self, iters: int) -> bool:
+        """Whether the budget must be checked after step `iters` (the planned check, or the step cap)."""
+        return iters >= self.next_check or (self.budget.max_iters > 0 and iters >= self.budget.max_iters)
+
+    def chunk_elapsed_s(self) -> float:
+        """This process's time since the chunk opened, after waiting for the device (0 for an empty chunk)."""
+        if not self.chunk_steps:
+            return 0.0
+        self.sync()
+        return time.perf_counter() - self.chunk_start
+
+    def close_chunk(self, elapsed_s: float, p: Progress, tokens_per_iter: int) -> None:
+        """Charge the chunk's agreed elapsed time to the budget and take its mean step time."""
+        if self.chunk_steps:
+            p.train_time_s += elapsed_s
+            p.timed_iters += self.chunk_steps
+            p.timed_tokens += self.chunk_steps * tokens_per_iter
+            self.step_time_s = elapsed_s / self.chunk_steps
+            self.session_time_s += elapsed_s
+            self.session_steps += self.chunk_steps
+        self.chunk_steps = 0
+
+    def plan_next_check(self, p: Progress, log_interval: int) -> None:
+        self.next_check = self.budget.next_check(p.iters, p.train_time_s, self.step_time_s, self.mean_step_s(),
+                                                 log_interval)
+
+    def open_chunk(self) -> None:
+        """Start timing the next chunk (the last thing a sync point does)."""
+        self.chunk_start = time.perf_counter()
 
 
 def warmup_step_count(compile_enabled: bool, ddp: bool) -> int:

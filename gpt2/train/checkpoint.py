@@ -1,4 +1,4 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically.
+"""Checkpoints: everything needed to continue a run exactly, written atomically, read without running code.
 
     ckpt.pt = {
       "format":      FORMAT_VERSION,
@@ -8,9 +8,18 @@
       "optimizer":   optimizer state_dict,   "scaler": GradScaler state_dict (fp16) or None,
       "ranks":       per rank: {"rng": torch/cuda/numpy/python states, "data": BatchSource.state_dict()},
       "progress":    budget consumed and counters (train_time_s, iters, tokens_seen, ...),
+      "content_sha256": sha256 of everything above (content_hash), checked before anything is used,
     }
+
+Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None) are stored, so the
+file is read with torch.load(weights_only=True): unpickling a checkpoint can never run code from it (the
+RNG states of numpy and `random` are kept as plain lists and numbers, see capture_rng_state). The content
+hash catches what the zip container does not: torch.load checks no CRC, so a flipped bit in a tensor would
+otherwise load as a silently different model.
 """
 
+import hashlib
+import pickle
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -20,8 +29,9 @@ import torch
 
 from gpt2.io import atomic_path
 
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "signature", "model", "optimizer", "ranks", "progress")
+FORMAT_VERSION = 2  # 2: plain RNG states, content hash, weights-only loading
+HASH_KEY = "content_sha256"
+REQUIRED_KEYS = ("format", "signature", "model", "optimizer", "ranks", "progress", HASH_KEY)
 
 
 class CheckpointError(RuntimeError):
@@ -74,11 +84,19 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng_state() -> dict:
+    """Every generator's state as tensors and plain values (loadable with weights_only=True).
+
+    numpy's legacy MT19937 state is (name, key uint32[624], pos, has_gauss, cached_gaussian) and Python's
+    (version, 625 ints, gauss_next): the arrays become lists of ints, the rest is already plain.
+    """
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"name": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
 
@@ -86,8 +104,43 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], np.array(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+
+
+def content_hash(state: dict) -> str:
+    """sha256 over every entry but the hash itself, in a canonical order (dict keys sorted by repr).
+
+    A tensor contributes its dtype, shape and the bytes of its values (on the CPU, contiguous), so the
+    hash depends on the numbers, not on device or storage layout. Anything that is neither a tensor nor
+    a plain value raises TypeError: such a checkpoint could not be read back with weights_only=True.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != HASH_KEY})
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}\n".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"key {key!r}\n".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for item in value:
+            _feed(digest, item)
+    elif value is None or isinstance(value, (str, int, float, bool)):
+        digest.update(f"{type(value).__name__} {value!r}\n".encode())
+    else:
+        raise TypeError(f"checkpoint entry of type {type(value).__name__} is neither a tensor nor a plain value")
 
 
 def save_checkpoint(path, *, model, optimizer, scaler, signature: dict, ranks: list, progress: dict) -> None:
@@ -101,6 +154,7 @@ def save_checkpoint(path, *, model, optimizer, scaler, signature: dict, ranks: l
         "ranks": ranks,
         "progress": progress,
     }
+    state[HASH_KEY] = content_hash(state)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -111,8 +165,12 @@ def load_checkpoint(path, expected_signature: dict | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     try:
-        # Our own file: it holds numpy/python RNG states, which weights_only loading refuses.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only met a class or function: refused before it ran
+        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        raise CheckpointError(f"{path} is not a checkpoint this trainer can load: it holds objects other than "
+                              f"tensors and plain values (format 1 checkpoints held numpy arrays), refused without "
+                              f"running them ({found[0] if found else type(exc).__name__})") from None
     except Exception as exc:  # torch raises several types for truncated or garbled archives
         raise CheckpointError(f"{path} is unreadable (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
@@ -120,6 +178,10 @@ def load_checkpoint(path, expected_signature: dict | None = None) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (missing {', '.join(missing)})")
     if state["format"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {state['format']}, this trainer reads {FORMAT_VERSION}")
+    actual = content_hash(state)
+    if actual != state[HASH_KEY]:
+        raise CheckpointError(f"checkpoint {path} is corrupt: content hash mismatch "
+                              f"(expected {state[HASH_KEY]}, got {actual})")
     if expected_signature is not None:
         differences = signature_differences(state["signature"], expected_signature)
         if differences:

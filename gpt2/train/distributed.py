@@ -6,7 +6,7 @@ and it is not already a torchrun worker. On the CPU the same path runs N gloo pr
 
 Signals: torchrun runs in its own process group, so a terminal's Ctrl-C or a `kill` reaches it only
 through the re-launching process, which forwards SIGINT/SIGTERM to torchrun's group and waits for it.
-torchrun passes the signal to its workers, which finish their step, checkpoint and exit (gpt2/train.py).
+torchrun passes the signal to its workers, which finish their step, checkpoint and exit (gpt2/train/loop.py).
 If the re-launching process is killed outright, the kernel sends torchrun SIGTERM (PR_SET_PDEATHSIG),
 so no torchrun is left behind.
 """

@@ -1,16 +1,15 @@
 """The hot path: precision, one optimizer step, and evaluation on the fixed validation batches.
 
 No host-device synchronisation happens here: TrainStep returns the loss as a device tensor, and the
-trainer reads losses back only at its sync points (gpt2/train.py).
+loop reads losses back only at its sync points (gpt2/train/loop.py).
 """
 
 from contextlib import nullcontext
 
 import torch
 
-from gpt2.train import distributed
-from gpt2.model.attention import cached_composition
 from gpt2.model.gpt import GPT
+from gpt2.train import distributed
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -35,15 +34,15 @@ class TrainStep:
 
     `model` is what runs forward (possibly compiled and/or DDP-wrapped); `raw_model` the bare GPT that
     owns the parameters. Returns the mean micro-batch loss as a device tensor (no synchronisation).
+    What the model adds to the step comes through its hooks (see GPT): the micro-steps run inside
+    `raw_model.accumulation(compiled)`, and `raw_model.regularization_loss()` joins the objective once.
 
-    Composed-weight caching (ra-unified; a no-op for every other backend). With grad_accum > 1 in one
-    process, the micro-steps run inside gpt2.model.attention.cached_composition: the QKV weight is composed once
-    per optimizer step instead of once per forward, and its accumulated gradient goes back through the
-    composition once when the block closes, before clipping. Under DDP every forward composes for itself:
-    DDP all-reduces gradients from hooks that fire during the last micro-step's backward, and the
-    gradient of a cached composition reaches c_attn, P and the gates only after that, when the block
-    closes, so those gradients would never be reduced across ranks (and DDP would find parameters that
-    received no gradient in the backward it watched).
+    The accumulation block is entered only with grad_accum > 1 in one process (`cache_composition`).
+    Inside it the model may compute weights derived from its parameters once per optimizer step and send
+    their accumulated gradient back to the parameters when the block closes, before clipping. Under DDP
+    that is too late: DDP all-reduces gradients from hooks that fire during the last micro-step's
+    backward, so gradients that reach the parameters only when the block closes would never be reduced
+    across ranks (and DDP would find parameters that received no gradient in the backward it watched).
     """
 
     def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
@@ -61,7 +60,6 @@ class TrainStep:
         fp16 = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
-        self.has_regularizer = any(hasattr(m, "regularization_loss") for m in raw_model.attention_modules())
         self.grad_norm = None  # device tensor of the last step's pre-clip norm (read at log time)
 
     def to_device(self, x, y):
@@ -71,7 +69,7 @@ class TrainStep:
         return x, y
 
     def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
-        with cached_composition(self.raw_model, self.compiled) if self.cache_composition else nullcontext():
+        with self.raw_model.accumulation(self.compiled) if self.cache_composition else nullcontext():
             loss_sum = self.accumulate(batches, inject_nan)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -98,8 +96,9 @@ class TrainStep:
                 if inject_nan:
                     loss = loss * float("nan")
                 objective = loss / self.grad_accum
-                if last and self.has_regularizer:
-                    objective = objective + self.raw_model.regularization_loss()
+                regularization = self.raw_model.regularization_loss() if last else None
+                if regularization is not None:
+                    objective = objective + regularization
                 (self.scaler.scale(objective) if self.scaler else objective).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return loss_sum

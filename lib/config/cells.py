@@ -25,5 +25,6 @@ def write_cell_config(base_config_path, overrides: dict, out_path) -> None:
     for _ in range(2):  # a second pass lets an override enable the dependency of an earlier one
         for symbol, value in effective.items():
             kconf.syms[symbol].set_value(value)
-    check_assignments_took(kconf, [Assignment(s, v, f"override of {base_config_path}", 0) for s, v in effective.items()])
+    where = f"override of {base_config_path}"
+    check_assignments_took(kconf, [Assignment(s, v, where, 0) for s, v in effective.items()])
     write_config_atomically(kconf, out_path)

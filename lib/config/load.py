@@ -1,9 +1,10 @@
 """The one reader of `.config`: a loaded Kconfig -> frozen gpt2.settings.Settings.
 
 Defaults, ranges and dependencies are Kconfig's own (through kconfiglib). This module adds what Kconfig
-cannot say: float strings that parse, and limits that involve two options at once, such as the reciprocal
-rank versus the head dimension. Nothing here writes `.config` except `write_config_atomically`, which
-validates first and renames a finished file.
+cannot say: float strings that parse, and limits that involve two options at once. Those that the library
+also enforces are asked of the library (the head dimension, R-MLP width and budget of gpt2.settings, the
+reciprocal rank of the attention backend registry) and only placed here at the file and line of the culprit. Nothing
+here writes `.config` except `write_config_atomically`, which validates first and renames a finished file.
 """
 
 import dataclasses
@@ -12,7 +13,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from gpt2.settings import Settings, component_classes
+from gpt2.model.attention.registry import lookup
+from gpt2.settings import Settings, check_budget, component_classes
 from lib.config.environment import apply_environment
 from lib.config.kconfig import ConfigError, load_strict, parse_assignments
 
@@ -78,27 +80,20 @@ def _where(config_path, symbol) -> str:
 def _check_cross_field(settings: Settings, config_path) -> None:
     """Limits that depend on two options at once (Kconfig ranges are constants)."""
     model, attn, mlp, train = settings.model, settings.attention, settings.mlp, settings.train
-    if model.n_embd % model.n_head:
-        raise ConfigError(f"{_where(config_path, 'MODEL_N_EMBD')}: CONFIG_MODEL_N_EMBD={model.n_embd} is not "
-                          f"divisible by CONFIG_MODEL_N_HEAD={model.n_head}")
-    head_dim = model.n_embd // model.n_head
-    if attn.backend in ("ra-same-flop", "ra-unified", "ra-fold-lowrank"):
-        # same-flop/unified take R dims from the standard term (keeping at least one) and
-        # the discoverability bias takes one more; fold-lowrank appends R dims, up to D.
-        if attn.backend == "ra-fold-lowrank":
-            top = head_dim
-        else:
-            top = head_dim - 1 - (1 if attn.discoverability else 0)
-        if not 1 <= attn.reciprocal_rank <= top:
-            raise ConfigError(f"{_where(config_path, 'ATTN_RA_RANK')}: CONFIG_ATTN_RA_RANK={attn.reciprocal_rank} "
-                              f"is outside 1..{top} (head dim {head_dim}"
-                              f"{', one dim taken by the discoverability bias' if attn.discoverability else ''})")
-    if mlp.kind == "reciprocal" and mlp.reciprocal_ff >= mlp.expansion * model.n_embd:
-        raise ConfigError(f"{_where(config_path, 'MLP_RA_RFF')}: CONFIG_MLP_RA_RFF={mlp.reciprocal_ff} must be "
-                          f"below the hidden size {mlp.expansion * model.n_embd}")
-    if train.max_iters == 0 and train.max_time_s == 0:
-        raise ConfigError(f"{config_path}: both CONFIG_TRAIN_MAX_ITERS and CONFIG_GPT2_MAX_TIME are 0, so the run "
-                          f"would never stop; set one (GPT2_MAX_TIME=600 make)")
+    # Rules the library enforces too, in order (the rank check needs a valid head dim); each ValueError is
+    # placed at the file and line of the symbol to change (None: no single one, e.g. the two budget caps).
+    library_checks = (
+        ("MODEL_N_EMBD", lambda: model.head_dim),
+        ("ATTN_RA_RANK", lambda: lookup(attn.backend).check_rank(model.head_dim, attn.reciprocal_rank,
+                                                                  attn.discoverability)),
+        ("MLP_RA_RFF", lambda: mlp.check_reciprocal_ff(model.n_embd)),
+        (None, lambda: check_budget(train.max_time_s, train.max_iters)),
+    )
+    for symbol, check in library_checks:
+        try:
+            check()
+        except ValueError as error:
+            raise ConfigError(f"{_where(config_path, symbol) if symbol else config_path}: {error}") from None
     if train.lr_min > train.lr:
         raise ConfigError(f"{_where(config_path, 'TRAIN_LR_MIN')}: CONFIG_TRAIN_LR_MIN={train.lr_min} exceeds "
                           f"CONFIG_TRAIN_LR={train.lr}")

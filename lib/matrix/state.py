@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lib.matrix.plan import CELLS_DIR, PLAN_FILE, describe_changes, load_plan, save_plan
+from lib.matrix.describe import describe_changes
+from lib.matrix.plan import CELLS_DIR, PLAN_FILE, load_plan, save_plan
 from gpt2.io import atomic_write_json
 
 STATE_FILE = "state.json"

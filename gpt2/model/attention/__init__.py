@@ -7,125 +7,23 @@
     ra-fold-lowrank  rank-R reciprocal term, head dim D + R                 fold_lowrank.py
     ra-same-flop     D - R standard + R reciprocal dims, head dim D         same_flop.py
     ra-unified       ra-same-flop emitted by one composed QKV GEMM          unified.py
-Shared pieces: gates.py (gates, self-restart, P init, fold helper), common.py (projections,
-attention call, routing, discoverability fold), ../kv_pruning.py.
+registry.py names each backend's module and what it needs of the head dimension (torch-free). Shared
+pieces: gates.py (gates, self-restart, P init, fold helper), common.py (projections, attention call, routing,
+discoverability fold), ../kv_pruning.py.
 """
-
-import contextlib
-import functools
-
-import torch
-import torch.nn as nn
 
 from gpt2.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
-from .common import AttentionBase, RAAttentionBase
-from .fold_full import RAFoldFullAttention
-from .fold_lowrank import RAFoldLowRankAttention
-from .reference import RAReferenceAttention
-from .same_flop import RASameFlopAttention
-from .sdpa import SDPAAttention
-from .unified import RAUnifiedAttention
+from .registry import BACKENDS, lookup
 
-BACKENDS = {
-    "sdpa": SDPAAttention,
-    "ra-reference": RAReferenceAttention,
-    "ra-fold-full": RAFoldFullAttention,
-    "ra-fold-lowrank": RAFoldLowRankAttention,
-    "ra-same-flop": RASameFlopAttention,
-    "ra-unified": RAUnifiedAttention,
-}
-
-__all__ = ["BACKENDS", "build_attention", "refresh_head_routing", "RoutingMonitor", "cached_composition",
-           "AttentionBase", "RAAttentionBase"]
+# Nothing here imports torch (build_attention imports the chosen backend's module when called), so the
+# registry below this package is readable where torch is not: configuration, planning and reports.
+__all__ = ["BACKENDS", "build_attention"]
 
 
-def build_attention(model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int) -> nn.Module:
-    """The attention module of block `layer_idx`: (B, T, C) -> (B, T, C)."""
-    try:
-        cls = BACKENDS[attn.backend]
-    except KeyError:
-        raise ValueError(f"CONFIG_ATTN_BACKEND={attn.backend!r} is unknown; choose one of {sorted(BACKENDS)}") from None
-    return cls(model, attn, kv, layer_idx)
-
-
-def refresh_head_routing(model: nn.Module) -> bool:
-    """Recompute head-selective routing in every RA module (call it every few hundred steps under
-    torch.compile; eager forwards refresh by themselves). Returns whether any layer changed."""
-    changed = False
-    for m in model.modules():
-        if isinstance(m, RAAttentionBase):
-            changed |= m.refresh_head_routing()
-    return changed
-
-
-class RoutingMonitor:
-    """Refreshes head-selective routing and says which layers changed since the previous refresh.
-
-    Under torch.compile the routed head set is a guarded constant that forwards never update, so the
-    trainer refreshes it after loading a checkpoint and at every evaluation (one small host read per RA
-    layer); a changed set recompiles that layer's graph once. Eager forwards refresh by themselves, so
-    changes are tracked against this monitor's own previous view, not the modules' state.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.modules = [m for m in model.modules() if isinstance(m, RAAttentionBase) and m.head_select_threshold > 0]
-        self.plain = {}  # layer -> heads on the plain path at the previous refresh (none before the first)
-
-    def refresh(self) -> list:
-        """Recompute routing; one line per layer whose plain-path heads changed."""
-        lines = []
-        for m in self.modules:
-            m.refresh_head_routing()
-            ra = range(m.n_head) if m.routed_heads is None else m.routed_heads
-            plain = tuple(h for h in range(m.n_head) if h not in ra)
-            if plain != self.plain.get(m.layer_idx, ()):
-                lines.append(f"routing: layer {m.layer_idx} now {len(plain)}/{m.n_head} heads on the plain path "
-                             f"(w_rec < {m.head_select_threshold:g}: heads {list(plain)})")
-            self.plain[m.layer_idx] = plain
-        return lines
-
-
-def _compose_every_layer(modules):
-    return [m.composed_qkv() for m in modules]
-
-
-# One compiled function composes every layer's QKV weight: a handful of fused kernels forward and
-# backward instead of ~15 small eager kernels per layer (the launches alone cost more than the
-# arithmetic, and would be paid on the host once per optimizer step).
-@functools.cache
-def _compose_every_layer_compiled():
-    return torch.compile(_compose_every_layer, dynamic=False)
-
-
-@contextlib.contextmanager
-def cached_composition(model: nn.Module, compiled: bool = False):
-    """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
-
-        with cached_composition(model):
-            for micro_step in range(grad_accum):
-                loss(model(x)).backward()
-        optimizer.step()
-
-    The composed weights are leaves during the block; on exit their accumulated gradient goes back
-    through the composition once, for all layers in one backward call. `compiled` composes through
-    torch.compile (use it when the model itself is compiled). Single-process only: under DDP the
-    composition's gradient would land after the gradient all-reduce.
-    """
-    modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
-    if not modules:
-        yield
-        return
-    compose = _compose_every_layer_compiled() if compiled else _compose_every_layer
-    for m, composed in zip(modules, compose(modules)):
-        m.hold_composition(composed)
-    try:
-        yield
-    finally:
-        outputs, grads = [], []
-        for m in modules:
-            for full, grad in m.release_composition():
-                outputs.append(full)
-                grads.append(grad)
-        if outputs:
-            torch.autograd.backward(outputs, grads)
+def build_attention(model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
+    """The attention nn.Module of block `layer_idx`: (B, T, C) -> (B, T, C), after the backend's registry entry
+    has checked the head dimension (construct backends through here, not by their class)."""
+    backend = lookup(attn.backend)
+    backend.check_rank(model.head_dim, attn.reciprocal_rank, attn.discoverability)
+    return backend.load()(model, attn, kv, layer_idx)

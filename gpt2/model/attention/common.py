@@ -25,11 +25,9 @@ class AttentionBase(nn.Module):
 
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__()
-        if model.n_embd % model.n_head:
-            raise ValueError(f"CONFIG_MODEL_N_EMBD={model.n_embd} is not divisible by CONFIG_MODEL_N_HEAD={model.n_head}")
         self.n_head = model.n_head
         self.n_embd = model.n_embd
-        self.head_dim = model.n_embd // model.n_head
+        self.head_dim = model.head_dim  # ValueError when the width is not a multiple of the head count
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.layer_idx = layer_idx
         self.c_attn = nn.Linear(model.n_embd, 3 * model.n_embd, bias=model.bias)
@@ -43,6 +41,14 @@ class AttentionBase(nn.Module):
         """Re-initialise every parameter that is not a shared (by-name initialised) weight."""
         if self.restart is not None:
             self.restart.reset_parameters()
+
+    def gate_values(self) -> dict:
+        """The attention gates, for metrics ({} without gates; the RA backends override)."""
+        return {}
+
+    def regularization_loss(self):
+        """A term added to the objective once per optimizer step (None without one; the RA backends override)."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(self.project(x))  # (B, H, T, D) each
@@ -135,7 +141,7 @@ class RAAttentionBase(AttentionBase):
         """Recompute which heads take the RA path (a host sync). Returns whether the set changed.
 
         Eager forwards call it every step. Under torch.compile the set is a guarded constant: the trainer
-        refreshes it now and then (gpt2.model.attention.refresh_head_routing), and a change recompiles.
+        refreshes it now and then (GPT.refresh_routing, gpt2/model/attention/hooks.py), and a change recompiles.
         """
         if self.head_select_threshold <= 0:
             new = None

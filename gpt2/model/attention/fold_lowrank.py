@@ -8,7 +8,8 @@ reciprocal: query i's row uses i's key and j's query. Fold:
     k~_j = [k_j                              , P^T q_j      ]
 one SDPA call, scale 1/sqrt(D); widths not a multiple of 8 are zero-padded (Flash itself rounds the
 head dim up to a multiple of 32, so any R <= 32 costs what R = 32 costs at D = 64). The discoverability
-bias rides on the standard dims as in ra-fold-full. Routing as in ra-fold-full.
+bias rides on the standard dims as in ra-fold-full. Routing as in ra-fold-full. The legal R (1..D, P has
+orthonormal columns) is this backend's entry in registry.py, checked by build_attention.
 """
 
 import torch
@@ -19,15 +20,6 @@ from .common import RAAttentionBase
 from .gates import extra_parameter, fold_cat, orthonormal_columns, private_generator
 
 P_TAG = 1
-
-
-def check_rank(rank: int, head_dim: int, reserved: int = 0, backend: str = "") -> None:
-    """reserved: head dims the rank may not take (same-flop keeps >= 1 standard dim, +1 for the bias dim)."""
-    top = head_dim - reserved
-    if not 1 <= rank <= top:
-        why = {0: "", 1: " (one dim must stay standard)",
-               2: " (one dim must stay standard and one carries the discoverability bias)"}[reserved]
-        raise ValueError(f"CONFIG_ATTN_RA_RANK={rank} is outside 1..{top} for {backend} with head dim {head_dim}{why}")
 
 
 class LowRankMixin:
@@ -51,7 +43,6 @@ class LowRankMixin:
 class RAFoldLowRankAttention(LowRankMixin, RAAttentionBase):
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__(model, attn, kv, layer_idx)
-        check_rank(attn.reciprocal_rank, self.head_dim, backend="ra-fold-lowrank")
         self.init_projection(attn.reciprocal_rank)
 
     def reset_extra_parameters(self):

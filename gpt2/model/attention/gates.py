@@ -90,8 +90,6 @@ def orthonormal_columns(n_head: int, head_dim: int, rank: int, generator: torch.
     With P orthonormal, (P^T k_i).(P^T q_j) is the full-rank reciprocal score k_i.q_j restricted to a
     random rank-R subspace, so the low-rank term starts on the same scale as the full one.
     """
-    if rank > head_dim:
-        raise ValueError(f"CONFIG_ATTN_RA_RANK={rank} exceeds the head dimension {head_dim}")
     gauss = torch.randn(n_head, head_dim, rank, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     # Fix the sign ambiguity of QR so the result is unique.

@@ -9,7 +9,8 @@ P^T k and P^T q use the full D-dim key/query; the standard term keeps only the f
 one SDPA call at head dim D, scale 1/sqrt(D). On CUDA the fold is one Triton kernel each way
 (same_flop_kernel.py); the torch code below is the CPU path and computes the same thing. With w_rec = 0
 this is NOT the baseline (the standard term has only D_std dims). Head-selective routing sets w_rec = 0
-on routed-off heads (same head dim, so there is nothing to save by packing).
+on routed-off heads (same head dim, so there is nothing to save by packing). The legal R (D_std >= 1) is
+this backend's entry in registry.py, checked by build_attention.
 """
 
 import torch
@@ -17,20 +18,17 @@ import torch
 from gpt2.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .common import RAAttentionBase
-from .fold_lowrank import LowRankMixin, check_rank
+from .fold_lowrank import LowRankMixin
 from .gates import fold_cat
 from .same_flop_kernel import fold_same_flop
 from .triton_support import triton_runs_on
 
 
 class RASameFlopAttention(LowRankMixin, RAAttentionBase):
-    BACKEND = "ra-same-flop"
     use_kernels = True  # the Triton kernels where they can run (benchmarks switch them off to compare)
 
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__(model, attn, kv, layer_idx)
-        reserved = 1 + int(attn.discoverability)  # at least one standard dim (+ the bias dim)
-        check_rank(attn.reciprocal_rank, self.head_dim, reserved, backend=self.BACKEND)
         self.init_projection(attn.reciprocal_rank)
         self.std_dim = self.head_dim - attn.reciprocal_rank - int(attn.discoverability)
 

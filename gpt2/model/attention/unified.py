@@ -21,8 +21,6 @@ from .same_flop import RASameFlopAttention
 
 
 class RAUnifiedAttention(RASameFlopAttention):
-    BACKEND = "ra-unified"
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cached = None  # (weight leaf, bias leaf or None) while composed weights are cached

@@ -1,0 +1,99 @@
+"""What the model's trainer hooks (gpt2/model/gpt.py, class GPT) do for the RA backends.
+
+    GPT.accumulation()     -> cached_composition: ra-unified composes its QKV weights once per optimizer step
+    GPT.refresh_routing()  -> RoutingMonitor.refresh: head-selective routing recomputed, changes logged
+
+A trainer reaches them only through those hooks and knows nothing of them.
+"""
+
+import contextlib
+import functools
+
+import torch
+import torch.nn as nn
+
+from .common import RAAttentionBase
+from .unified import RAUnifiedAttention
+
+
+def refresh_head_routing(model: nn.Module) -> bool:
+    """Recompute head-selective routing in every RA module (call it every few hundred steps under
+    torch.compile; eager forwards refresh by themselves). Returns whether any layer changed."""
+    changed = False
+    for m in model.modules():
+        if isinstance(m, RAAttentionBase):
+            changed |= m.refresh_head_routing()
+    return changed
+
+
+class RoutingMonitor:
+    """Refreshes head-selective routing and says which layers changed since the previous refresh.
+
+    GPT.refresh_routing() is this monitor's refresh. Under torch.compile the routed head set is a guarded
+    constant that forwards never update, so the trainer calls it after loading a checkpoint and at every
+    evaluation (one small host read per RA layer); a changed set recompiles that layer's graph once.
+    Eager forwards refresh by themselves, so changes are tracked against this monitor's own previous
+    view, not the modules' state.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for m in model.modules() if isinstance(m, RAAttentionBase) and m.head_select_threshold > 0]
+        self.plain = {}  # layer -> heads on the plain path at the previous refresh (none before the first)
+
+    def refresh(self) -> list:
+        """Recompute routing; one line per layer whose plain-path heads changed."""
+        lines = []
+        for m in self.modules:
+            m.refresh_head_routing()
+            ra = range(m.n_head) if m.routed_heads is None else m.routed_heads
+            plain = tuple(h for h in range(m.n_head) if h not in ra)
+            if plain != self.plain.get(m.layer_idx, ()):
+                lines.append(f"routing: layer {m.layer_idx} now {len(plain)}/{m.n_head} heads on the plain path "
+                             f"(w_rec < {m.head_select_threshold:g}: heads {list(plain)})")
+            self.plain[m.layer_idx] = plain
+        return lines
+
+
+def _compose_every_layer(modules):
+    return [m.composed_qkv() for m in modules]
+
+
+# One compiled function composes every layer's QKV weight: a handful of fused kernels forward and
+# backward instead of ~15 small eager kernels per layer (the launches alone cost more than the
+# arithmetic, and would be paid on the host once per optimizer step).
+@functools.cache
+def _compose_every_layer_compiled():
+    return torch.compile(_compose_every_layer, dynamic=False)
+
+
+@contextlib.contextmanager
+def cached_composition(model: nn.Module, compiled: bool = False):
+    """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
+
+        with cached_composition(model):
+            for micro_step in range(grad_accum):
+                loss(model(x)).backward()
+        optimizer.step()
+
+    The composed weights are leaves during the block; on exit their accumulated gradient goes back
+    through the composition once, for all layers in one backward call. `compiled` composes through
+    torch.compile (use it when the model itself is compiled). Single-process only: under DDP the
+    composition's gradient would land after the gradient all-reduce.
+    """
+    modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
+    if not modules:
+        yield
+        return
+    compose = _compose_every_layer_compiled() if compiled else _compose_every_layer
+    for m, composed in zip(modules, compose(modules)):
+        m.hold_composition(composed)
+    try:
+        yield
+    finally:
+        outputs, grads = [], []
+        for m in modules:
+            for full, grad in m.release_composition():
+                outputs.append(full)
+                grads.append(grad)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
