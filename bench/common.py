@@ -31,11 +31,12 @@ def model_settings(n_layer, n_head, n_embd, block_size):
 
 
 def attention_settings(variant, rank, threshold=0.0):
-    """variant: backend, backend+disc, or either + "+plain" (the torch code instead of the Triton kernels)."""
+    """variant: backend, backend+disc or backend+untied (the same-FLOP backends' untied form), or any of these
+    + "+plain" (the torch code instead of the Triton kernels)."""
     backend, _, extra = variant.replace("+plain", "").partition("+")
-    return AttentionSettings(backend=backend, reciprocal_rank=rank, gate_granularity="per-head", w_std_init=1.0,
-                             w_rec_init=0.5, head_select_threshold=threshold, w_rec_l1=0.0,
-                             discoverability=extra == "disc", self_restart=False)
+    return dataclasses.replace(AttentionSettings(), backend=backend, reciprocal_rank=rank, gate_granularity="per-head",
+                               w_std_init=1.0, w_rec_init=0.5, head_select_threshold=threshold,
+                               discoverability=extra == "disc", reciprocal_form="untied" if extra == "untied" else "")
 
 
 NO_KV = KVPruningSettings()  # the defaults: pruning off

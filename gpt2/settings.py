@@ -107,6 +107,8 @@ class AttentionSettings:
     backend: str = _sym("ATTN_BACKEND", "choice", "sdpa")
     # sdpa | ra-reference | ra-fold-full | ra-fold-lowrank | ra-same-flop | ra-unified
     reciprocal_rank: int = _sym("ATTN_RA_RANK", "int", 0)
+    # tied | untied for ra-same-flop / ra-unified ("" elsewhere); registry.py says what each spans
+    reciprocal_form: str = _sym("ATTN_RA_FORM", "choice", "")
     gate_granularity: str = _sym("ATTN_GATE", "choice", "")  # per-head | per-layer
     w_std_init: float = _sym("ATTN_W_STD_INIT", "float", 0.0, min=0.0, max=10.0)
     w_rec_init: float = _sym("ATTN_W_REC_INIT", "float", 0.0, min=0.0, max=10.0)

@@ -15,9 +15,10 @@ B, T, C, H = 2, 9, 32, 4
 
 
 def build(backend, *, bias=True, disc=False, restart=False, gate="per-head", threshold=0.0, w_rec=0.5,
-          kv=None, n_embd=C, n_head=H, rank=RANK, layer_idx=0):
+          kv=None, n_embd=C, n_head=H, rank=RANK, layer_idx=0, form=""):
     model = model_settings(n_embd=n_embd, n_head=n_head, bias=bias)
-    attn = attn_settings(backend, rank=rank, gate=gate, w_rec=w_rec, threshold=threshold, disc=disc, restart=restart)
+    attn = attn_settings(backend, rank=rank, gate=gate, w_rec=w_rec, threshold=threshold, disc=disc, restart=restart,
+                         form=form)
     return build_attention(model, attn, kv or kv_settings(), layer_idx)
 
 
@@ -321,10 +322,15 @@ def test_configuration_errors_name_the_symbol():
         build("ra-magic")
     with pytest.raises(ValueError, match="CONFIG_ATTN_DISCOVERABILITY"):
         build("sdpa", disc=True)
+    # head dim 8: tied same-FLOP RA needs R <= (D - disc) / 2; untied takes R up to D - 1 - disc
+    with pytest.raises(ValueError, match="CONFIG_ATTN_RA_RANK=5 is outside 1..4 .*at most half the head"):
+        build("ra-same-flop", rank=5)
+    with pytest.raises(ValueError, match=r"CONFIG_ATTN_RA_RANK=4 is outside 1..3"):
+        build("ra-unified", rank=4, disc=True)
     with pytest.raises(ValueError, match="CONFIG_ATTN_RA_RANK=8 is outside 1..7"):
-        build("ra-same-flop", rank=8)  # head dim 8
+        build("ra-same-flop", rank=8, form="untied")
     with pytest.raises(ValueError, match=r"CONFIG_ATTN_RA_RANK=7 is outside 1..6"):
-        build("ra-unified", rank=7, disc=True)
+        build("ra-unified", rank=7, disc=True, form="untied")
     with pytest.raises(ValueError, match="CONFIG_ATTN_GATE"):
         build("ra-fold-full", gate="per-token")
     assert set(BACKENDS) == set(ALL_BACKENDS)
@@ -378,3 +384,13 @@ def test_compiled_routing_switches_path_after_refresh():
     with torch.no_grad():
         m.w_rec.sqrt_weight[2] = 0.9
     assert monitor.refresh() == ["routing: layer 0 now 0/4 heads on the plain path (w_rec < 0.3: heads [])"]
+
+
+@pytest.mark.parametrize("backend", ["ra-same-flop", "ra-unified"])
+@pytest.mark.parametrize("disc", [False, True])
+def test_untied_form_matches_explicit_reference(backend, disc):
+    """The untied form (P reads the whole head) against the same explicit reference, P then D x R."""
+    m = build(backend, disc=disc, form="untied")
+    assert m.P.shape[1] == C // H
+    randomize(m, seed=4)
+    check_against_reference(m, backend, torch.randn(B, T, C), disc=disc)

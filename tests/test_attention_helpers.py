@@ -23,10 +23,11 @@ def model_settings(n_embd=32, n_head=4, bias=True, dropout=0.0, block_size=64, n
 
 
 def attn_settings(backend="sdpa", rank=2, gate="per-head", w_std=1.0, w_rec=0.5, threshold=0.0, l1=0.0,
-                  disc=False, restart=False):
+                  disc=False, restart=False, form=""):
+    """form: "" or "tied" (the same-FLOP default) or "untied"."""
     return AttentionSettings(backend=backend, reciprocal_rank=rank, gate_granularity=gate, w_std_init=w_std,
                              w_rec_init=w_rec, head_select_threshold=threshold, w_rec_l1=l1,
-                             discoverability=disc, self_restart=restart)
+                             discoverability=disc, self_restart=restart, reciprocal_form=form)
 
 
 def kv_settings(enabled=False, keep_ratio=0.5, recency=2, sampling=False, min_length=4096, fraction=0.02):
@@ -83,8 +84,11 @@ def explicit_attention(params, x, *, form, n_head, rank=0, disc=False, restart=F
         if form == "full":
             std, rec = S, S.transpose(-1, -2)  # rec[i, j] = S_ji = q_j . k_i
         else:
-            P = params["P"]  # (H, D, R)
-            Sp = (q @ P) @ (k @ P).transpose(-1, -2) / math.sqrt(D)  # Sp[i, j] = (P^T q_i) . (P^T k_j)
+            # P (H, Dp, R) reads the first Dp dims of q and k: Dp = D (lowrank, untied same-flop), or the D_std
+            # standard dims (tied same-flop: P^T q_s, P^T k_s).
+            P = params["P"]
+            Dp = P.shape[1]
+            Sp = (q[..., :Dp] @ P) @ (k[..., :Dp] @ P).transpose(-1, -2) / math.sqrt(D)  # (P^T q_i).(P^T k_j)
             rec = Sp.transpose(-1, -2)  # rec[i, j] = (P^T k_i) . (P^T q_j)
             if form == "lowrank":
                 std = S
@@ -93,7 +97,9 @@ def explicit_attention(params, x, *, form, n_head, rank=0, disc=False, restart=F
                 std = q[..., :Ds] @ k[..., :Ds].transpose(-1, -2) / math.sqrt(D)
         L = w_std.view(1, H, 1, 1) * std + w_rec.view(1, H, 1, 1) * rec
         if disc:
-            d = (k * params["u"].unsqueeze(1)).sum(-1)  # d_j = k_j . u_h  (B, H, T)
+            # d_j = k_j . u_h (B, H, T); tied same-flop reads only the standard dims of k
+            Du = params["P"].shape[1] if form == "same-flop" else D
+            d = (k[..., :Du] * params["u"][:, :Du].unsqueeze(1)).sum(-1)
             L = L + gate(params, "w_disc", H).view(1, H, 1, 1) * d.unsqueeze(-2)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     A = torch.softmax(L.masked_fill(~causal, float("-inf")), dim=-1)

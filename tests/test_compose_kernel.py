@@ -26,7 +26,7 @@ def unified(n_embd, n_head, rank, bias, disc, gate="per-head", w_rec=0.5):
 
 
 def fused(m, dtype=torch.float32):
-    return compose_qkv_fused(m.c_attn.weight, m.c_attn.bias, m.P, *m.gate_roots(), m.std_dim,
+    return compose_qkv_fused(m.c_attn.weight, m.c_attn.bias, m.projection(m.P.dtype), *m.gate_roots(), m.std_dim,
                              m.head_select_threshold, dtype)
 
 
@@ -128,7 +128,8 @@ def test_backward_reads_a_transposed_gradient_in_place():
     s_std, s_rec, u, s_disc = m.gate_roots()
     grad_t = torch.randn(64, 3 * 64, device=DEVICE)
     gb = torch.randn(3 * 64, device=DEVICE)
-    args = (m.c_attn.weight.detach(), m.c_attn.bias.detach(), m.P.detach(), s_std.detach(), s_rec.detach(),
+    P = m.projection(m.P.dtype).detach()  # (H, D, R): the tied P zero-padded, as the module passes it
+    args = (m.c_attn.weight.detach(), m.c_attn.bias.detach(), P, s_std.detach(), s_rec.detach(),
             u.detach(), s_disc.detach(), m.std_dim, 0.0)
     strided = compose_qkv_backward(grad_t.t(), gb, *args)
     dense = compose_qkv_backward(grad_t.t().contiguous(), gb, *args)

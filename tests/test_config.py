@@ -111,8 +111,14 @@ def test_option_whose_dependency_is_off_is_refused(tmp_path):
 
 
 def test_reciprocal_rank_must_fit_the_head_dimension(tmp_path):
-    path = write(tmp_path, "CONFIG_MODEL_SIZE_GPT2_TINY=y\nCONFIG_ATTN_BACKEND_RA_UNIFIED=y\nCONFIG_ATTN_RA_RANK=40\n")
+    path = write(tmp_path, "CONFIG_MODEL_SIZE_GPT2_TINY=y\nCONFIG_ATTN_BACKEND_RA_UNIFIED=y\nCONFIG_ATTN_RA_RANK=40\n"
+                           "CONFIG_ATTN_RA_FORM_UNTIED=y\n")
     with pytest.raises(cfg.ConfigError, match=r"CONFIG_ATTN_RA_RANK=40 is outside 1\.\.31 \(head dim 32"):
+        cfg.load_settings(path, environ={})
+    # the tied form (the default) reads R dims from the D - R standard ones: R <= D / 2
+    path = write(tmp_path, "CONFIG_MODEL_SIZE_GPT2_TINY=y\nCONFIG_ATTN_BACKEND_RA_UNIFIED=y\nCONFIG_ATTN_RA_RANK=17\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:3: CONFIG_ATTN_RA_RANK=17 is outside 1\.\.16 \(head dim 32; "
+                                              r"tied ra-unified"):
         cfg.load_settings(path, environ={})
 
 

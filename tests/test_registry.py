@@ -13,6 +13,9 @@ from lib import config as cfg
 from test_attention_helpers import attn_settings, kv_settings, model_settings
 
 RANKED = [name for name, backend in BACKENDS.items() if backend.uses_rank]
+# (backend, form): the same-FLOP backends in both forms (CONFIG_ATTN_RA_FORM), the others with none
+RANKED_FORMS = [(name, form) for name in RANKED
+                for form in (("tied", "untied") if BACKENDS[name].has_forms else ("",))]
 
 
 def test_registry_and_config_loader_import_without_torch():
@@ -50,13 +53,15 @@ def test_rank_ranges_at_head_dim_64():
 
 
 @pytest.mark.parametrize("disc", [False, True])
-@pytest.mark.parametrize("name", RANKED)
-def test_rank_limit_reaches_config_validation(name, disc, make_config, tmp_path):
+@pytest.mark.parametrize("name, form", RANKED_FORMS)
+def test_rank_limit_reaches_config_validation(name, form, disc, make_config, tmp_path):
     base = make_config()
     head_dim = cfg.load_settings(base, environ={}).model.head_dim
-    low, high = BACKENDS[name].rank_range(head_dim, disc)
+    low, high = BACKENDS[name].rank_range(head_dim, disc, form or "untied")
     member = "ATTN_BACKEND_" + name.upper().replace("-", "_")
     overrides = {member: "y", "ATTN_DISCOVERABILITY": "y" if disc else "n"}
+    if form:
+        overrides["ATTN_RA_FORM_" + form.upper()] = "y"
     cfg.write_cell_config(base, {**overrides, "ATTN_RA_RANK": str(high)}, tmp_path / "top")
     assert cfg.load_settings(tmp_path / "top", environ={}).attention.reciprocal_rank == high
     with pytest.raises(cfg.ConfigError, match=rf"CONFIG_ATTN_RA_RANK={high + 1} is outside {low}\.\.{high} "
@@ -65,10 +70,19 @@ def test_rank_limit_reaches_config_validation(name, disc, make_config, tmp_path)
     assert not (tmp_path / "over").exists()
 
 
-@pytest.mark.parametrize("name", RANKED)
-def test_model_construction_refuses_the_same_ranks(name):
+@pytest.mark.parametrize("name, form", RANKED_FORMS)
+def test_model_construction_refuses_the_same_ranks(name, form):
     model = model_settings(n_embd=32, n_head=4)  # head dim 8
-    low, high = BACKENDS[name].rank_range(8, True)
-    build_attention(model, attn_settings(name, rank=high, disc=True), kv_settings(), 0)
+    low, high = BACKENDS[name].rank_range(8, True, form or "untied")
+    build_attention(model, attn_settings(name, rank=high, disc=True, form=form), kv_settings(), 0)
     with pytest.raises(ValueError, match=rf"CONFIG_ATTN_RA_RANK={high + 1} is outside {low}\.\.{high} \(head dim 8"):
-        build_attention(model, attn_settings(name, rank=high + 1, disc=True), kv_settings(), 0)
+        build_attention(model, attn_settings(name, rank=high + 1, disc=True, form=form), kv_settings(), 0)
+
+
+def test_tied_form_takes_at_most_half_the_head():
+    """Tied same-FLOP RA: P (D_std x R) reads the D_std standard dims, so D_std >= R: R <= (D - disc) / 2."""
+    for name in ("ra-same-flop", "ra-unified"):
+        assert BACKENDS[name].rank_range(64, False, "tied") == (1, 32)
+        assert BACKENDS[name].rank_range(64, True, "tied") == (1, 31)
+        assert BACKENDS[name].rank_range(64, True, "") == (1, 31)  # "" (dependency off) reads as tied
+        assert BACKENDS[name].rank_range(64, True, "untied") == (1, 62)

@@ -103,6 +103,7 @@ class GPT(nn.Module):
         mask[vocab_size:] = float("-inf")
         self.register_buffer("vocab_mask", mask, persistent=False)  # not in state_dict
         self.init_shared_weights(seed)
+        self.zero_unused_weights()
         self.routing = RoutingMonitor(self)  # the layers with head-selective routing (often none)
 
     # ---- initialisation ---------------------------------------------------------------
@@ -127,6 +128,12 @@ class GPT(nn.Module):
                 elif kind in ("wte", "wpe", "lm_head", "c_attn", "c_fc", "c_proj") and attr == "weight":
                     std = residual_std if kind == "c_proj" else INIT_STD
                     param.copy_(torch.randn(param.shape, generator=name_generator(seed, name)) * std)
+
+    def zero_unused_weights(self) -> None:
+        """Zero the weight entries a backend never reads (tied same-FLOP RA: the last R rows of each head's W_q
+        and W_k). They get no gradient, so AdamW leaves them at zero: they never change the model."""
+        for m in self.attention_modules():
+            m.zero_unused_weights()
 
     # ---- forward ----------------------------------------------------------------------
 
@@ -160,7 +167,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding drops the position table (and the token table when untied,
         since a lookup costs no FLOPs), which is the N of the 6N FLOP estimate."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters()) - sum(m.unused_weight_count() for m in self.attention_modules())
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
             if not self.settings.tie_weights:
@@ -226,6 +233,7 @@ class GPT(nn.Module):
         gpt = cls(model, attention or AttentionSettings(), mlp or MLPSettings(), kv_pruning or KVPruningSettings(),
                   vocab_size=hf["vocab_size"], seed=seed)
         gpt.load_hf_state_dict(read_hf_weights(directory), source=str(directory))
+        gpt.zero_unused_weights()
         return gpt
 
     def load_hf_state_dict(self, hf_state: dict, source: str = "checkpoint") -> None:

@@ -85,7 +85,7 @@ def _check_cross_field(settings: Settings, config_path) -> None:
     library_checks = (
         ("MODEL_N_EMBD", lambda: model.head_dim),
         ("ATTN_RA_RANK", lambda: lookup(attn.backend).check_rank(model.head_dim, attn.reciprocal_rank,
-                                                                  attn.discoverability)),
+                                                                  attn.discoverability, attn.reciprocal_form)),
         ("MLP_RA_RFF", lambda: mlp.check_reciprocal_ff(model.n_embd)),
         (None, lambda: check_budget(train.max_time_s, train.max_iters)),
     )

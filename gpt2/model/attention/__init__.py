@@ -25,5 +25,5 @@ def build_attention(model: ModelSettings, attn: AttentionSettings, kv: KVPruning
     """The attention nn.Module of block `layer_idx`: (B, T, C) -> (B, T, C), after the backend's registry entry
     has checked the head dimension (construct backends through here, not by their class)."""
     backend = lookup(attn.backend)
-    backend.check_rank(model.head_dim, attn.reciprocal_rank, attn.discoverability)
+    backend.check_rank(model.head_dim, attn.reciprocal_rank, attn.discoverability, attn.reciprocal_form)
     return backend.load()(model, attn, kv, layer_idx)

@@ -50,6 +50,13 @@ class AttentionBase(nn.Module):
         """A term added to the objective once per optimizer step (None without one; the RA backends override)."""
         return None
 
+    def zero_unused_weights(self) -> None:
+        """Zero the c_attn entries this backend never reads (none here; tied same-FLOP RA overrides)."""
+
+    def unused_weight_count(self) -> int:
+        """How many c_attn entries this backend never reads (not counted as parameters)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(self.project(x))  # (B, H, T, D) each
         return self.finish(self.attention_heads(q, k, v), v)
@@ -123,10 +130,11 @@ class RAAttentionBase(AttentionBase):
         return {"w_std": self.w_std().float().cpu().tolist(), "w_rec": self.w_rec().float().cpu().tolist()}
 
     def regularization_loss(self) -> torch.Tensor:
-        """CONFIG_ATTN_W_REC_L1 * sum_h |w_rec,h| (w_rec >= 0, so the sum itself)."""
+        """CONFIG_ATTN_W_REC_L1 * sum_h |w_rec,h| (w_rec >= 0, so the sum itself). Summed over the H heads also
+        with a per-layer gate, where all H heads share one w_rec: the penalty is H w_rec, as documented."""
         if self.w_rec_l1 == 0:
             return self.zero_loss
-        return self.w_rec_l1 * self.w_rec.sqrt_weight.square().sum()
+        return self.w_rec_l1 * self.w_rec().sum()
 
     # --- head-selective routing -------------------------------------------------------------
     def rec_gate(self) -> torch.Tensor:
@@ -206,6 +214,10 @@ class RAAttentionBase(AttentionBase):
         shift = (math.sqrt(self.head_dim) * w_disc.unsqueeze(-1) * u).to(q.dtype).unsqueeze(1)  # (1, h, 1, D)
         return torch.addcmul(shift, q, w_std)
 
+    def key_bias_vector(self) -> torch.Tensor:
+        """u (H, D): d_j = k_j . u_h. Tied same-FLOP RA overrides it to read only the standard dims."""
+        return self.u
+
     def disc_columns(self, k: torch.Tensor):
         """The bias as one extra head dim, for backends whose k~ lacks the full key (same-flop, unified):
         (query column, key column), each (B, H, T, 1).
@@ -214,6 +226,6 @@ class RAAttentionBase(AttentionBase):
         both u and k); times the softmax scale 1/sqrt(D) this adds exactly w_disc,h d_j to L_ij.
         """
         B, H, T, _ = k.shape
-        d = (k * self.u.to(k.dtype).unsqueeze(1)).sum(-1, keepdim=True)  # (B, H, T, 1)
+        d = (k * self.key_bias_vector().to(k.dtype).unsqueeze(1)).sum(-1, keepdim=True)  # (B, H, T, 1)
         c = (self.w_disc() * math.sqrt(self.head_dim)).to(k.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
         return c, d

@@ -13,6 +13,7 @@ orthonormal columns) is this backend's entry in registry.py, checked by build_at
 """
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
@@ -23,20 +24,29 @@ P_TAG = 1
 
 
 class LowRankMixin:
-    """Owns P (n_head, D, R), initialised with orthonormal columns from a private generator."""
+    """Owns P (n_head, rows, R), initialised with orthonormal columns from a private generator.
 
-    def init_projection(self, rank: int):
+    rows = D reads the whole head (ra-fold-lowrank, untied same-FLOP); rows = D_std < D reads only the first
+    D_std dims (tied same-FLOP): projection() then zero-pads P to D rows, so P^T k = P_s^T k[:D_std] exactly
+    and every fold, composition and kernel runs unchanged on the padded P (its zero rows get no gradient).
+    """
+
+    def init_projection(self, rank: int, rows: int | None = None):
         self.rank = rank
-        self.P = extra_parameter(torch.empty(self.n_head, self.head_dim, rank))  # never weight-decayed
+        self.proj_rows = self.head_dim if rows is None else rows
+        self.P = extra_parameter(torch.empty(self.n_head, self.proj_rows, rank))  # never weight-decayed
         self.reset_projection()
 
     @torch.no_grad()
     def reset_projection(self):
         gen = private_generator(self.layer_idx, P_TAG)
-        self.P.copy_(orthonormal_columns(self.n_head, self.head_dim, self.rank, gen))
+        self.P.copy_(orthonormal_columns(self.n_head, self.proj_rows, self.rank, gen))
 
     def projection(self, dtype, idx=None):
+        """P as (h, D, R) in dtype for the heads idx (None = all)."""
         P = self.P if idx is None else self.P.index_select(0, idx)
+        if self.proj_rows < self.head_dim:
+            P = F.pad(P, (0, 0, 0, self.head_dim - self.proj_rows))
         return P.to(dtype)
 
 

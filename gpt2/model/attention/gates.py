@@ -8,7 +8,8 @@ Gates. Every gate w (w_std, w_rec, w_disc) is stored through its square root s a
     w = s^2.
 So w >= 0 always, w = 0 is exactly representable (s = 0), and a gate that starts at 0 stays at 0
 (dw/ds = 2s = 0 there): with CONFIG_ATTN_W_REC_INIT=0 the reciprocal term is off for the whole run,
-which is what lets a full-width RA variant reproduce the baseline. The fold never needs sqrt(w),
+which is what lets a full-width RA variant reproduce the baseline at initialisation (only there: w_std
+stays a learned per-head temperature, so training can move it away). The fold never needs sqrt(w),
 so no infinite gradient appears at w = 0.
 
 Extra parameters (gates, P, u, alpha) never draw from the global torch RNG: gates and u start at

@@ -1,9 +1,13 @@
 """ra-same-flop: D_std + R (+1) = D, so the head dim and attention FLOPs equal the baseline's.
 
-Formula (per head h, j <= i; D_std = D - R, minus 1 more with discoverability):
-    L_ij = w_std q_i[:D_std].k_j[:D_std] / sqrt(D) + w_rec (P^T k_i).(P^T q_j) / sqrt(D) (+ w_disc d_j)
-P^T k and P^T q use the full D-dim key/query; the standard term keeps only the first D_std dims
-(the remaining query/key dims are unused). Fold, built from activations:
+Formula (per head h, j <= i; D_std = D - R, minus 1 more with discoverability; q_s = q[:D_std], k_s = k[:D_std]):
+    tied (default):  L_ij = w_std q_s,i.k_s,j / sqrt(D) + w_rec (P^T k_s,i).(P^T q_s,j) / sqrt(D) (+ w_disc d_j)
+                     P is D_std x R and d_j = u_h . k_s,j: the reciprocal term reads the dims the standard
+                     term uses, so the last R (+1) dims of q and k are unused (their W_q/W_k rows are zero).
+    untied:          P is D x R and reads the whole q and k (d_j = u_h . k_j): with the free last rows of
+                     W_q/W_k, P^T W_k and P^T W_q can be any R x C matrices, so this spans plain attention
+                     at head dim D (docs/attention.md). CONFIG_ATTN_RA_FORM picks the form.
+Both run as one code path: the tied P is zero-padded to D rows (LowRankMixin.projection). Fold:
     q~_i = [w_std q_i[:D_std] , w_rec P^T k_i (, sqrt(D) w_disc)]
     k~_j = [k_j[:D_std]       , P^T q_j       (, d_j          )]
 one SDPA call at head dim D, scale 1/sqrt(D). On CUDA the fold is one Triton kernel each way
@@ -14,12 +18,14 @@ this backend's entry in registry.py, checked by build_attention.
 """
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .common import RAAttentionBase
 from .fold_lowrank import LowRankMixin
 from .gates import fold_cat
+from .registry import lookup
 from .same_flop_kernel import fold_same_flop
 from .triton_support import triton_runs_on
 
@@ -29,12 +35,41 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
 
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__(model, attn, kv, layer_idx)
-        self.init_projection(attn.reciprocal_rank)
         self.std_dim = self.head_dim - attn.reciprocal_rank - int(attn.discoverability)
+        self.tied = lookup(attn.backend).tied(attn.reciprocal_form)
+        self.init_projection(attn.reciprocal_rank, rows=self.std_dim if self.tied else None)
 
     def reset_extra_parameters(self):
         super().reset_extra_parameters()
         self.reset_projection()
+
+    # --- the tied form's unused dims ----------------------------------------------------------
+    def key_bias_vector(self) -> torch.Tensor:
+        """u (H, D) as d_j reads it: tied, only the standard dims (u's other entries get no gradient)."""
+        if not self.tied:
+            return self.u
+        return F.pad(self.u[:, : self.std_dim], (0, self.head_dim - self.std_dim))
+
+    def unused_rows(self):
+        """c_attn rows never read (tied): the last D - D_std rows of each head's W_q and W_k."""
+        if not self.tied:
+            return []
+        C, D = self.n_embd, self.head_dim
+        return [part * C + h * D + d for part in (0, 1) for h in range(self.n_head) for d in range(self.std_dim, D)]
+
+    @torch.no_grad()
+    def zero_unused_weights(self) -> None:
+        rows = self.unused_rows()
+        if rows:
+            index = torch.tensor(rows, device=self.c_attn.weight.device)
+            self.c_attn.weight.index_fill_(0, index, 0.0)
+            if self.c_attn.bias is not None:
+                self.c_attn.bias.index_fill_(0, index, 0.0)
+
+    def unused_weight_count(self) -> int:
+        per_row = self.n_embd + (1 if self.c_attn.bias is not None else 0)
+        unused_u = self.n_head * (self.head_dim - self.std_dim) if self.tied and self.discoverability else 0
+        return len(self.unused_rows()) * per_row + unused_u
 
     def kernels_take(self, t: torch.Tensor) -> bool:
         """Whether this module's Triton kernels run for t (they compute in float32: float64 stays on torch)."""
@@ -43,8 +78,8 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
     def kernel_parameters(self):
         """(P, w_std, w_rec, u, w_disc) as the kernels take them; u, w_disc are None without discoverability."""
         disc = self.discoverability
-        return (self.P, self.w_std(), self.rec_gate(), self.u if disc else None,
-                self.w_disc() if disc else None)
+        return (self.projection(self.P.dtype), self.w_std(), self.rec_gate(),
+                self.key_bias_vector() if disc else None, self.w_disc() if disc else None)
 
     def attention_heads(self, q, k, v):
         if self.kernels_take(q):

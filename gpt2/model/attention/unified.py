@@ -7,8 +7,10 @@ Same formula as ra-same-flop. Every block of q~ and k~ is linear in the block in
     v rows   : W_v
 biases likewise (w_std b_q[:D_std], w_rec P^T b_k, b_k[:D_std], P^T b_q, ...). Cost O(H D R C) per step,
 no activation-sized multiplies, splits or cats: one GEMM of the baseline's shape (C -> 3C), then one
-Flash call at head dim D. The reciprocal rows are P^T of the real key/query projections, so the
-term stays reciprocal (independent K_low/Q_low rows would just be attention with another metric).
+Flash call at head dim D. The reciprocal rows are P^T of the real key/query projections. In the tied
+form (the default) P is zero below row D_std, so they read only W_q,h[:D_std] and W_k,h[:D_std], the rows
+the standard term uses, and W~ has rank 2 D_std per head pair; the untied form's P reads every row, which
+spans plain attention at head dim D (see same_flop.py and docs/attention.md).
 """
 
 import math
@@ -33,7 +35,7 @@ class RAUnifiedAttention(RASameFlopAttention):
         W = self.c_attn.weight
         dtype = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
         if self.kernels_take(W):
-            return compose_qkv_fused(W, self.c_attn.bias, self.P, *self.gate_roots(), self.std_dim,
+            return compose_qkv_fused(W, self.c_attn.bias, self.projection(self.P.dtype), *self.gate_roots(), self.std_dim,
                                      self.head_select_threshold, dtype)
         weight, bias = self.composed_qkv_plain()
         return weight.to(dtype), (None if bias is None else bias.to(dtype))
@@ -42,7 +44,7 @@ class RAUnifiedAttention(RASameFlopAttention):
         """(s_std, s_rec, u, s_disc) as the kernels take them: the gates' square roots (w = s^2 is taken
         inside the kernel, which saves a small kernel per layer); u, s_disc are None without discoverability."""
         disc = self.discoverability
-        return (self.w_std.sqrt_weight, self.w_rec.sqrt_weight, self.u if disc else None,
+        return (self.w_std.sqrt_weight, self.w_rec.sqrt_weight, self.key_bias_vector() if disc else None,
                 self.w_disc.sqrt_weight if disc else None)
 
     def composed_qkv_plain(self):
@@ -50,20 +52,21 @@ class RAUnifiedAttention(RASameFlopAttention):
         H, D, Ds, C = self.n_head, self.head_dim, self.std_dim, self.n_embd
         W = self.c_attn.weight
         W_qk = W[: 2 * C].view(2, H, D, C)
+        P = self.projection(self.P.dtype)  # (H, D, R); tied: zero below row D_std
         w_std = self.w_std().view(H, 1, 1)
         w_rec = self.rec_gate().view(H, 1, 1)
         # rec = [P^T W_q, P^T W_k] (2, H, R, C). Compiled, it is written as a broadcast multiply-sum over D:
         # Inductor then emits a few fused kernels for the whole composition instead of extra GEMM calls
         # (which cost more than they compute at this size). Eager, one batched GEMM is cheaper.
         if torch.compiler.is_compiling():
-            rec = (self.P.unsqueeze(-1) * W_qk.unsqueeze(3)).sum(2)
+            rec = (P.unsqueeze(-1) * W_qk.unsqueeze(3)).sum(2)
         else:
-            rec = torch.matmul(self.P.transpose(1, 2), W_qk)
+            rec = torch.matmul(P.transpose(1, 2), W_qk)
         q_rows = [w_std * W_qk[0, :, :Ds], w_rec * rec[1]]
         k_rows = [W_qk[1, :, :Ds], rec[0]]
         if self.discoverability:
             q_rows.append(W.new_zeros(H, 1, C))
-            k_rows.append((self.u.unsqueeze(-1) * W_qk[1]).sum(1, keepdim=True))  # u_h^T W_k,h
+            k_rows.append((self.key_bias_vector().unsqueeze(-1) * W_qk[1]).sum(1, keepdim=True))  # u_h^T W_k,h
         weight = torch.cat([torch.cat(q_rows, 1).view(C, C), torch.cat(k_rows, 1).view(C, C), W[2 * C:]])
 
         b = self.c_attn.bias
@@ -72,12 +75,12 @@ class RAUnifiedAttention(RASameFlopAttention):
         if b is None:
             b = W.new_zeros(3 * C)
         b_qk = b[: 2 * C].view(2, H, D)
-        rec_b = (self.P * b_qk.unsqueeze(-1)).sum(-2)  # (2, H, R): P^T b_q, P^T b_k
+        rec_b = (P * b_qk.unsqueeze(-1)).sum(-2)  # (2, H, R): P^T b_q, P^T b_k
         q_b = [w_std[:, :, 0] * b_qk[0, :, :Ds], w_rec[:, :, 0] * rec_b[1]]
         k_b = [b_qk[1, :, :Ds], rec_b[0]]
         if self.discoverability:
             q_b.append((self.w_disc() * math.sqrt(D)).view(H, 1))
-            k_b.append((self.u * b_qk[1]).sum(-1, keepdim=True))
+            k_b.append((self.key_bias_vector() * b_qk[1]).sum(-1, keepdim=True))
         bias = torch.cat([torch.cat(q_b, 1).view(C), torch.cat(k_b, 1).view(C), b[2 * C:]])
         return weight, bias
 
