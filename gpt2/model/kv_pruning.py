@@ -18,24 +18,22 @@ Keep set of query i, with W = max(CONFIG_KV_PRUNE_RECENCY, 1) (a query always se
 so the last row keeps min(T, W + ceil(keep_ratio * T)) keys. The output is the softmax of the
 layer's logits over keep_i only (renormalised), times v. The selection is not differentiated.
 
-Selection of the top k_i (select_keys):
+Selection of the top k_i (select_keys), row by row, so that row i's keep set is a function of the
+tokens <= i and of i alone (never of the sequence length T, nor of any RNG): evaluation is reproducible and
+an incremental decoder that sees i + 1 tokens selects exactly what training selected at row i.
     exact    torch.topk over the candidates.
-    sampled  (CONFIG_RA_USE_SAMPLING and row length >= CONFIG_RA_SAMPLING_MIN_LENGTH) take a
-             systematic random sample of s = max(64, ceil(sample_fraction * N)) candidates,
-                 positions o + m * stride,  m = 0..s-1,  stride = n_i / s,
-             with one random offset o in [0, stride) drawn on the host (Python's random module, which
-             the trainer seeds; torch.compile replays it as a graph input), take the
-             ceil(k_i / n_i * s)-th largest sampled importance as the threshold, and keep every
-             candidate at or above it. The threshold comes from the sample, the selection runs over all
-             keys, so the keep count is k_i on average. With one count for all rows the stride is the
-             integer floor(n / s) and the sample is a strided view of the scores: the whole selection is
-             one k-th-value kernel on the view and one comparison over all keys (no RNG kernel, no
-             gather). Systematic sampling assumes importance is not periodic with the stride: a pattern
-             that repeats every `stride` keys would bias the threshold (random-order data is fine).
+    sampled  (CONFIG_RA_USE_SAMPLING and i + 1 >= CONFIG_RA_SAMPLING_MIN_LENGTH) take a systematic sample
+             of s_i = min(max(64, ceil(sample_fraction * (i + 1))), n_i) candidates at positions
+                 floor((m + o_i) n_i / s_i),  m = 0..s_i-1,
+             with the offset o_i = frac((i + 1) * (sqrt(5) - 1) / 2) (a Weyl sequence: equidistributed over
+             rows, fixed for each row), take the r_i-th largest sampled importance as the threshold,
+                 r_i = clamp(round(k_i s_i / n_i), 1, s_i)     (rounding, not ceil: the keep count is k_i on
+                                                                average instead of ~n_i / (2 s_i) above it),
+             and keep every candidate at or above it. The threshold comes from the sample, the selection runs
+             over all keys. Systematic sampling assumes importance is not periodic with the stride.
 """
 
 import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from gpt2.settings import KVPruningSettings
 
 MIN_SAMPLE = 64
+WEYL_STEP = (math.sqrt(5) - 1) / 2  # row i's sample offset is frac((i + 1) * WEYL_STEP)
 
 
 def uses_sampling(kv: KVPruningSettings, length: int) -> bool:
@@ -70,49 +69,84 @@ def select_exact(scores: torch.Tensor, k, k_max: int | None = None) -> torch.Ten
     return keep.scatter(-1, idx, take.expand_as(idx))
 
 
-def sample_rank(k, n_valid, n_sample: int):
-    """Rank, within n_sample draws, of the estimate of the k-th largest of n_valid values (>= 1)."""
+def sample_rank(k, n_valid, n_sample):
+    """The real rank r = k (s + 1) / n, clamped to 1..s, that estimates the k-th largest of n values from an
+    s-draw sample: the r-th largest of s draws lies, on average, above a fraction r / (s + 1) of the values
+    (ints, or per-row tensors)."""
     if isinstance(k, int):
-        return min(max(math.ceil(k / max(n_valid, 1) * n_sample - 1e-9), 1), n_sample)
-    return torch.ceil(k / n_valid.clamp(min=1) * n_sample - 1e-9).long().clamp(1, n_sample)
+        return min(max(k / max(n_valid, 1) * (n_sample + 1), 1.0), float(n_sample))
+    return (k / n_valid.clamp(min=1) * (n_sample + 1)).double().clamp(min=1.0).minimum(n_sample.double())
 
 
-def select_sampled(scores: torch.Tensor, k, n_valid, n_sample: int) -> torch.Tensor:
-    """Bool mask (..., N): every score >= the k-th largest as estimated from a systematic sample of
-    n_sample positions (see the module doc; at least MIN_SAMPLE unless the row has fewer candidates).
+def interpolate_ranks(descending: torch.Tensor, rank) -> torch.Tensor:
+    """The value at real rank r (1-based) of each row of a descending sample (..., s), linear between the
+    floor(r)-th and the next order statistic. -> (..., 1)"""
+    s = descending.shape[-1]
+    rank = torch.as_tensor(rank, dtype=torch.float64, device=descending.device).expand(descending.shape[:-1])
+    low = rank.floor().long().clamp(1, s)
+    weight = (rank - low).unsqueeze(-1).to(descending.dtype)
+    at_low = descending.gather(-1, (low - 1).unsqueeze(-1))
+    at_high = descending.gather(-1, low.clamp(max=s - 1).unsqueeze(-1))
+    return torch.where(weight > 0, at_low + weight * (at_high - at_low), at_low)
 
-    The valid scores of a row are its first n_valid entries (-inf beyond). k and n_valid are ints (all
-    rows alike: two kernels) or per-row tensors (...,). The sample's offset comes from the host's Python
-    RNG and never depends on the data.
+
+def sample_offset(rows: torch.Tensor) -> torch.Tensor:
+    """o_i = frac((i + 1) * WEYL_STEP) in [0, 1) for query positions i (float64 on the host side of the math)."""
+    return torch.frac((rows.double() + 1) * WEYL_STEP)
+
+
+def select_sampled(scores: torch.Tensor, k, n_valid, n_sample, rows=None, width: int | None = None) -> torch.Tensor:
+    """Bool mask (..., N): every score >= the r-th largest of a systematic sample (module doc).
+
+    The valid scores of a row are its first n_valid entries (-inf beyond). k and n_valid are ints (all rows
+    alike, one shared offset: a strided view and one k-th-value kernel, for the kernel benchmark) or per-row
+    tensors (...,); n_sample is an int or a per-row tensor, width an int >= every row's sample (default: read
+    from n_sample, a device sync); rows (...,) are the rows' query positions, which fix each row's offset
+    (default: position 0). Nothing here draws a random number.
     """
     if isinstance(k, int):
         if k == 0:
             return torch.zeros_like(scores, dtype=torch.bool)
         n_sample = min(n_sample, n_valid)  # a short row: the "sample" is every candidate
         stride = n_valid // n_sample
-        start = random.randrange(stride)
+        start = int(WEYL_STEP * stride)
         sample = scores.narrow(-1, start, (n_sample - 1) * stride + 1)[..., ::stride]  # (..., s) view
-        rank = sample_rank(k, n_valid, n_sample)  # the rank-th largest = the (s - rank + 1)-th smallest
-        threshold = sample.kthvalue(n_sample - rank + 1, dim=-1, keepdim=True).values
+        threshold = interpolate_ranks(sample.sort(dim=-1, descending=True).values, sample_rank(k, n_valid, n_sample))
         return scores >= threshold
-    # Per-row strides n_i / s: positions floor((m + o) n_i / s) for m = 0..s-1, o in [0, 1).
-    offset = random.random()
-    steps = torch.arange(n_sample, device=scores.device, dtype=torch.float32) + offset
-    pos = (steps * (n_valid.unsqueeze(-1).float() / n_sample)).long()
-    pos = pos.clamp(min=0, max=scores.shape[-1] - 1)  # (..., s) in [0, n_valid)
-    pos = pos.expand(*scores.shape[:-1], n_sample)
-    sample = scores.gather(-1, pos).sort(dim=-1, descending=True).values
-    rank = sample_rank(k, n_valid, n_sample)
-    threshold = sample.gather(-1, (rank - 1).unsqueeze(-1).expand(*scores.shape[:-1], 1))
+    batch = scores.shape[:-1]
+    n_valid = n_valid.expand(batch)
+    n_sample = torch.as_tensor(n_sample, device=scores.device).expand(batch).minimum(n_valid).clamp(min=1)
+    rows = torch.zeros(batch, device=scores.device) if rows is None else rows.expand(batch)
+    width = width or (int(n_sample.max()) if n_sample.numel() else 1)
+    m = torch.arange(width, device=scores.device, dtype=torch.float64)
+    pos = ((m + sample_offset(rows).unsqueeze(-1)) * (n_valid.unsqueeze(-1).double() / n_sample.unsqueeze(-1)))
+    pos = pos.long().clamp(min=0, max=scores.shape[-1] - 1)  # (..., width) in [0, n_valid)
+    sample = scores.gather(-1, pos).masked_fill(m >= n_sample.unsqueeze(-1), float("-inf"))
+    sample = sample.sort(dim=-1, descending=True).values
+    threshold = interpolate_ranks(sample, sample_rank(k.expand(batch), n_valid, n_sample))
     return (scores >= threshold) & (k > 0).unsqueeze(-1)
 
 
-def select_keys(scores: torch.Tensor, k, n_valid, k_max: int | None, kv: KVPruningSettings):
-    """Dispatch exact / sampled selection by the settings and the row length N = scores.shape[-1]."""
-    length = scores.shape[-1]
-    if uses_sampling(kv, length):
-        return select_sampled(scores, k, n_valid, sample_size(kv, length))
-    return select_exact(scores, k, k_max)
+def select_keys(scores: torch.Tensor, k, n_valid, k_max: int | None, kv: KVPruningSettings, rows=None):
+    """Exact or sampled selection per row (module doc). scores (..., T, N) with rows (T,) the query positions
+    (default 0..T-1), k and n_valid (T,) per row; rows with i + 1 >= CONFIG_RA_SAMPLING_MIN_LENGTH sample,
+    the earlier ones (a prefix) select exactly."""
+    T = scores.shape[-2]
+    rows = torch.arange(T, device=scores.device) if rows is None else rows
+    if not kv.use_sampling:
+        return select_exact(scores, k, k_max)
+    first = max(kv.sampling_min_length - 1, 0)  # rows i >= first sample
+    parts = []
+    if first > 0:
+        head = slice(0, min(first, T))
+        parts.append(select_exact(scores[..., head, :], k[head], k_max))
+    if T > first:
+        tail = slice(first, T)
+        # s_i = max(64, ceil(fraction (i + 1))), computed on the device; the widest is the last row's
+        sizes = torch.ceil(kv.sample_fraction * (rows[tail].double() + 1) - 1e-9).clamp(min=MIN_SAMPLE).long()
+        parts.append(select_sampled(scores[..., tail, :], k[tail], n_valid[tail], sizes, rows[tail],
+                                    width=sample_size(kv, T)))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def keep_counts(length: int, kv: KVPruningSettings, device=None):
