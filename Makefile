@@ -5,10 +5,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PRESETS := $(notdir $(wildcard defconfigs/*))
-DEFAULT_PRESET := cpu-default
 
 .DEFAULT_GOAL := run
-.PHONY: run train resume data matrix check continue report steps menuconfig savedefconfig \
+.PHONY: run train resume data matrix check continue report steps menuconfig defconfig savedefconfig \
         olddefconfig listnewconfig showconfig bench-train bench-attention test test-kernels help venv clean-venv
 
 run: .config | $(STAMP) ## train, or run the test matrix when the config is a matrix
@@ -40,6 +39,9 @@ steps: | $(STAMP) ## list the ablation steps (lib/config/ablation_steps.yaml)
 
 menuconfig: | $(STAMP) ## terminal UI over the Kconfig tree (help on every option: press ?)
 	$(PY) -m scripts.config menuconfig
+
+defconfig: | $(STAMP) ## load the default preset (lib/config/paths.py) into .config, as Linux does
+	$(PY) -m scripts.config defconfig
 
 defconfig-%: | $(STAMP) ## load defconfigs/<preset> into .config (fails, leaving .config alone, on any error)
 	$(PY) -m scripts.config defconfig $*
@@ -83,7 +85,7 @@ help: | $(STAMP) ## this list, the presets and the environment overrides
 
 # With no .config, start from the CPU laptop preset.
 .config: | $(STAMP)
-	$(PY) -m scripts.config defconfig $(DEFAULT_PRESET)
+	$(PY) -m scripts.config defconfig
 
 venv: $(STAMP) ## create the virtual environment (pinned requirements.txt)
 

@@ -1,6 +1,6 @@
 """Configuration commands behind the Makefile's kconfig targets.
 
-    python -m scripts.config defconfig NAME     defconfigs/NAME -> .config (validated, atomic)
+    python -m scripts.config defconfig [NAME]   defconfigs/NAME (default: cpu-default) -> .config (validated, atomic)
     python -m scripts.config savedefconfig      .config -> ./defconfig (minimal form)
     python -m scripts.config olddefconfig       refresh .config after the Kconfig tree changed
     python -m scripts.config listnewconfig      options .config does not set yet
@@ -18,11 +18,14 @@ from pathlib import Path
 
 
 from lib import config as cfg
+from lib.config import presets
+from lib.config.paths import DEFAULT_PRESET
 
 
 def cmd_defconfig(args):
-    cfg.apply_defconfig(cfg.preset_path(args.name), args.config)
-    print(f"{args.config}: written from defconfigs/{args.name}")
+    name = args.name or DEFAULT_PRESET
+    cfg.apply_defconfig(cfg.preset_path(name), args.config)
+    print(f"{args.config}: written from defconfigs/{name}")
 
 
 def cmd_savedefconfig(args):
@@ -35,12 +38,13 @@ def cmd_savedefconfig(args):
 
 
 def cmd_olddefconfig(args):
-    """Like Linux's olddefconfig: keep what still applies, default the rest, and say what was dropped."""
+    """Like Linux's olddefconfig: keep what still applies (and the preset header), default the rest, and say
+    what was dropped."""
     kconf = cfg.load_kconfig()
     kconf.load_config(args.config, replace=True)
     for warning in kconf.warnings:
         print(f"note: {warning.replace('warning: ', '')}", file=sys.stderr)
-    cfg.write_config_atomically(kconf, args.config)
+    presets.rewrite_keeping_preset(kconf, args.config)
     print(f"{args.config}: updated")
 
 
@@ -59,7 +63,7 @@ def cmd_menuconfig(args):
     os.environ["KCONFIG_CONFIG"] = args.config
     if Path(args.config).is_file():
         cfg.load_strict(args.config)  # refuse to open (and silently rewrite) a broken .config
-    menuconfig.menuconfig(cfg.load_kconfig())
+    menuconfig.menuconfig(presets.kconfig_keeping_preset(args.config))  # its saves keep the preset header
     if Path(args.config).is_file():
         cfg.load_settings(args.config, environ={})
         print(f"{args.config}: valid")
@@ -91,7 +95,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.environ.get("KCONFIG_CONFIG", ".config"))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("defconfig").add_argument("name")
+    sub.add_parser("defconfig").add_argument("name", nargs="?",
+                                             help=f"a preset in defconfigs/ (default: {DEFAULT_PRESET})")
     sub.add_parser("savedefconfig").add_argument("--out", default="defconfig")
     for name in ("olddefconfig", "listnewconfig", "menuconfig", "show", "help"):
         sub.add_parser(name)

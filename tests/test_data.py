@@ -374,6 +374,30 @@ def test_batch_source_errors(tmp_path):
         gb.BatchSource(tmp_path / "nowhere", "train", 4, 2, seed=0)
 
 
+def test_batch_source_refuses_broken_data(tmp_path):
+    path = synthetic_data(tmp_path, 5000, 1000)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "vocab_size": 4000}))  # ids run to 4999
+    with pytest.raises(ValueError, match=r"train\.bin: token id 4999 >= vocab size 4000 in meta.json; rebuild"):
+        gb.BatchSource(path, "train", 16, 4, seed=0)
+    (path / "meta.json").write_text(json.dumps(meta))
+    np.zeros(5000, dtype=np.uint16).tofile(path / "train.bin")  # zeros: a write that never happened
+    with pytest.raises(ValueError, match=r"train\.bin holds one token id \(0\) over all 5000 tokens"):
+        gb.BatchSource(path, "train", 16, 4, seed=0)
+
+
+def test_broken_data_check_reads_in_chunks(tmp_path):
+    path = tmp_path / "train.bin"
+    tokens = np.full(1000, 7, dtype=np.uint16)
+    with pytest.raises(ValueError, match="one token id"):
+        gb._refuse_broken_tokens(tokens, path, vocab_size=8, chunk_tokens=64)
+    tokens[999] = 3  # the only other id, in the last chunk
+    gb._refuse_broken_tokens(tokens, path, vocab_size=8, chunk_tokens=64)
+    tokens[500] = 8
+    with pytest.raises(ValueError, match="token id 8 >= vocab size 8"):
+        gb._refuse_broken_tokens(tokens, path, vocab_size=8, chunk_tokens=64)
+
+
 def test_fixed_eval_batches_are_fixed_and_span_val(tmp_path):
     path = synthetic_data(tmp_path, 1000, 999)
     first = gb.fixed_eval_batches(path, block_size=8, batch_size=3, n_batches=4)

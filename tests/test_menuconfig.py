@@ -1,4 +1,5 @@
-"""`make menuconfig` driven in a real pseudo-terminal: change an option, save, and the loader sees it."""
+"""`make menuconfig` driven in a real pseudo-terminal: change an option, save, and the loader sees it (and the
+preset the .config came from)."""
 
 import os
 import pty
@@ -70,3 +71,4 @@ def test_menuconfig_toggles_an_option_and_saves(repo_copy):
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert cfg.load_settings(config, environ={}).general.compile is True
+    assert cfg.preset_of(config) == "cpu-tiny-run"  # the save kept the preset header (the run directory's name)

@@ -170,3 +170,30 @@ def test_single_run_report_and_the_command_line(synthetic_matrix, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "scripts.report", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "neither a matrix directory" in missing.stderr
+
+
+def test_run_report_reads_settings_json_and_says_why_settings_are_missing(make_config, tmp_path):
+    import dataclasses
+
+    from lib.config import load_settings
+    from lib.report.data import load_run
+
+    config = make_config({"SEED": "1"})
+    run_dir = tmp_path / "run"
+    write_run(run_dir, config, 3.2)
+    # settings.json (what the run trained with) wins over re-deriving settings from the snapshot.
+    settings = load_settings(config, environ={"GPT2_SEED": "7"})
+    (run_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings)))
+    record = load_run(run_dir)
+    assert record.settings == settings and record.seed == 7 and record.settings_error == ""
+    assert "seed 7" in report.write_report(run_dir).read_text()
+    # An unreadable settings.json is said in the report, not silently dropped.
+    (run_dir / "settings.json").write_text(json.dumps({"general": {"seed": 7, "no_such_field": 1}}))
+    text = report.write_report(run_dir).read_text()
+    assert "no_such_field" in text and "**Model**: unknown" in text
+    # An older run (no settings.json) whose snapshot no longer loads: the reason is shown.
+    (run_dir / "settings.json").unlink()
+    (run_dir / "config").write_text("CONFIG_NO_SUCH_SYMBOL=y\n")
+    text = report.write_report(run_dir).read_text()
+    assert "no settings.json, and config does not load" in text and "NO_SUCH_SYMBOL" in text
+    assert "NO_SUCH_SYMBOL" in json.loads((run_dir / "report.json").read_text())["settings_error"]

@@ -168,6 +168,8 @@ def test_time_budget_env_override_and_schedule(make_config, tmp_path):
     # about a step; the bound scales with the measured step time so a loaded machine does not flake.
     overshoot_s = max(1.0, 4 * m["ms_per_step"] / 1000)
     assert 2.0 <= m["train_time_s"] < 2.0 + overshoot_s, (m["train_time_s"], m["ms_per_step"])
+    assert m["budget"]["overshoot_s"] == pytest.approx(m["train_time_s"] - 2.0)  # reported, not hidden
+    assert m["epochs"] == pytest.approx(m["tokens_seen"] / m["train_tokens"])  # passes over the training split
     assert m["eval_time_s"] > 0 and m["compile_time_s"] > 0  # timed, never charged
     settings = load_settings(config, environ={})
     lr_min, lr = settings.train.lr_min, settings.train.lr

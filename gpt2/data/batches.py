@@ -21,6 +21,22 @@ def _open_tokens(data_path: Path, split: str) -> np.memmap:
     return np.memmap(Path(data_path) / f"{split}.bin", dtype=meta["dtype"], mode="r")
 
 
+def _refuse_broken_tokens(tokens: np.ndarray, path: Path, vocab_size: int, chunk_tokens: int = 1 << 24) -> None:
+    """Refuse a split no model can learn from: a token id >= vocab_size (it would index past the embedding),
+    or one token id throughout (min == max: zeros from a failed write). One chunked pass over the memmap."""
+    if len(tokens) == 0:
+        return
+    low, high = int(tokens[0]), int(tokens[0])
+    for begin in range(0, len(tokens), chunk_tokens):
+        chunk = tokens[begin : begin + chunk_tokens]
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    if high >= vocab_size:
+        raise ValueError(f"{path}: token id {high} >= vocab size {vocab_size} in meta.json; rebuild with `make data`")
+    if low == high and len(tokens) > 1:
+        raise ValueError(f"{path} holds one token id ({low}) over all {len(tokens)} tokens; the data is broken; "
+                         f"rebuild with `make data`")
+
+
 def _windows_to_batch(tokens: np.ndarray, starts, block_size: int) -> tuple["torch.Tensor", "torch.Tensor"]:
     """x = tokens[s : s+T], y = tokens[s+1 : s+T+1] for each start s, as int64 (B, T)."""
     import torch  # here, not at the top: preparing data (run by every `make`) needs no torch
@@ -47,6 +63,7 @@ class BatchSource:
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self._tokens = _open_tokens(data_path, split)
+        _refuse_broken_tokens(self._tokens, Path(data_path) / f"{split}.bin", load_meta(data_path)["vocab_size"])
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._num_windows = len(self._tokens) // block_size - 1

@@ -87,8 +87,12 @@ class BudgetClock:
     built from agreed times only, so every rank computes the same learning rate and stop decision.
     """
 
-    def __init__(self, budget: Budget, iters: int, sync: Callable[[], None]):
+    def __init__(self, budget: Budget, iters: int, sync: Callable[[], None], every_step: bool = False):
+        """every_step: check a time cap after every step. Right where a sync point costs nothing (the CPU, which
+        computes as the host waits): the run then stops within one step of its budget however the step time
+        moves (on a loaded machine it does), instead of at a check planned from earlier step times."""
         self.budget = budget
+        self.every_step = every_step and budget.max_time_s > 0
         self.sync = sync  # waits for the device, so that host time covers the queued steps
         self.step_time_s = None  # agreed mean step time of the last closed chunk
         self.session_time_s, self.session_steps = 0.0, 0  # timed steps of this process, for a steadier estimate
@@ -113,7 +117,8 @@ class BudgetClock:
 
     def check_due(self, iters: int) -> bool:
         """Whether the budget must be checked after step `iters` (the planned check, or the step cap)."""
-        return iters >= self.next_check or (self.budget.max_iters > 0 and iters >= self.budget.max_iters)
+        return (self.every_step or iters >= self.next_check
+                or (self.budget.max_iters > 0 and iters >= self.budget.max_iters))
 
     def chunk_elapsed_s(self) -> float:
         """This process's time since the chunk opened, after waiting for the device (0 for an empty chunk)."""

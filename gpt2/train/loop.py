@@ -37,7 +37,7 @@ def train(run, stop: StopSignals) -> int:
     ends with a checkpoint. Returns the agreed stop signal (0: none)."""
     s, train, p, dctx = run.s, run.s.train, run.p, run.dctx
     warmup_steps = warmup_step_count(s.general.compile, dctx.enabled)
-    clock = BudgetClock(run.budget, p.iters, sync=lambda: sync(run.device))
+    clock = BudgetClock(run.budget, p.iters, sync=lambda: sync(run.device), every_step=run.device.type == "cpu")
     steps_here = 0
     signum = 0  # the stop signal all ranks agreed on at the last sync point (0: none)
     pending = []  # per-step loss tensors since the last sync point

@@ -1,9 +1,11 @@
-"""The run directory of one training run: creating it, and its environment record (env.json).
+"""The run directory of one training run: creating it, its settings (settings.json) and environment (env.json).
 
-A run directory describes itself (docs/architecture.md lists its files): the .config snapshot, env.json
+A run directory describes itself (docs/architecture.md lists its files): the .config snapshot, settings.json
+(the typed settings it trained with), env.json
 (git commit and dirty diff, torch/CUDA/GPU, host, command line), the log, evaluations, metrics, checkpoint.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -15,6 +17,9 @@ from pathlib import Path
 
 from gpt2.io import CHECKPOINT_NAME, CONFIG_NAME, ENV_NAME, METRICS_NAME, REPO_ROOT, atomic_write_bytes, \
     atomic_write_json, read_json
+from gpt2.settings import Settings, component_classes
+
+SETTINGS_NAME = "settings.json"  # the resolved typed settings, dataclasses.asdict(Settings)
 
 
 class RunDirError(RuntimeError):
@@ -38,6 +43,32 @@ def prepare_run_dir(run_dir, config_path, resume: bool) -> Path:
     if not (resume and snapshot.exists()):
         atomic_write_bytes(snapshot, Path(config_path).read_bytes())
     return run_dir
+
+
+def write_settings_json(run_dir, settings) -> None:
+    """settings.json: the typed settings this session trains with (a resumed run records its own session's,
+    e.g. a larger GPT2_MAX_ITERS; the config snapshot keeps the first session's)."""
+    atomic_write_json(Path(run_dir) / SETTINGS_NAME, dataclasses.asdict(settings))
+
+
+def read_settings_json(path) -> Settings:
+    """settings.json back into Settings. Raises ValueError naming the file when it cannot be read, is not JSON,
+    or does not fit these Settings (a field this code does not know, or a value of the wrong shape)."""
+    try:
+        record = read_json(path)
+        components = {}
+        for name, cls in component_classes():
+            values = dict(record.get(name, {}))
+            for f in dataclasses.fields(cls):
+                if isinstance(values.get(f.name), list):
+                    values[f.name] = tuple(values[f.name])  # JSON has no tuples
+            components[name] = cls(**values)
+        unknown = set(record) - set(components)
+        if unknown:
+            raise TypeError(f"unknown components {', '.join(sorted(unknown))}")
+        return Settings(**components)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: cannot be read as settings ({type(exc).__name__}: {exc})") from None
 
 
 def _git(*args, cwd=REPO_ROOT):

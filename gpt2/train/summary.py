@@ -25,6 +25,9 @@ def summary(run) -> dict:
         "failure_reason": run.failure_reason,
         "iters": p.iters,
         "tokens_seen": p.tokens_seen,
+        # passes over the training split: above 1 the run has seen its data before (a small-data study)
+        "train_tokens": run.train_tokens,
+        "epochs": p.tokens_seen / run.train_tokens if run.train_tokens else None,
         "tokens_per_s": tokens_per_s,
         "ms_per_step": 1000 * p.train_time_s / p.timed_iters if p.timed_iters else None,
         "mfu": mfu(tokens_per_s, run.flops_per_token or 0.0, run.peak_flops, world_size),
@@ -45,7 +48,10 @@ def summary(run) -> dict:
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "world_size": world_size,
         "precision": run.precision,
-        "budget": {"max_time_s": run.s.train.max_time_s, "max_iters": run.s.train.max_iters},
+        "budget": {"max_time_s": run.s.train.max_time_s, "max_iters": run.s.train.max_iters,
+                   # training time past a time cap that stopped the run (the cap is checked between steps)
+                   "overshoot_s": (max(0.0, p.train_time_s - run.s.train.max_time_s)
+                                   if run.stop_reason == "max_time" else None)},
         "sessions": p.sessions,
     }
 

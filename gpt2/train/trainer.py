@@ -25,7 +25,7 @@ from gpt2.train.log import close_logging, header_lines, log, setup_logging
 from gpt2.train.loop import TrainingFailed, refresh_routing, train
 from gpt2.train.metrics import EvalLog, flops_per_token, peak_flops, write_metrics
 from gpt2.train.optim import build_optimizer
-from gpt2.train.run_dir import RunDirError, prepare_run_dir, write_env_json
+from gpt2.train.run_dir import RunDirError, prepare_run_dir, write_env_json, write_settings_json
 from gpt2.train.signals import Interrupted, StopSignals, exit_code, signal_name
 from gpt2.train.step import TrainStep, effective_precision
 from gpt2.train.summary import closing_line, record_outcome, summary
@@ -60,6 +60,7 @@ class Run:
         self.raw_model = None
         self.flops_per_token = None
         self.peak_flops = None
+        self.train_tokens = None  # of the training split, for the epoch count
 
     def setup(self):
         """Everything the loop needs, in order: process group, run directory and logging, data, model and
@@ -96,6 +97,7 @@ class Run:
         setup_logging(self.run_dir, dctx.is_main)
         if dctx.is_main:
             write_env_json(self.run_dir, self.argv)
+            write_settings_json(self.run_dir, s)
         self.device = dctx.device
         self.precision = effective_precision(self.device, s.general.precision)
         if self.device.type == "cuda":
@@ -116,7 +118,9 @@ class Run:
         if not dctx.is_main:
             data_path = prepare.prepare(s.data)
         self.data_path = Path(data_path)
-        self.vocab_size = int(prepare.load_meta(self.data_path)["vocab_size"])
+        meta = prepare.load_meta(self.data_path)
+        self.vocab_size = int(meta["vocab_size"])
+        self.train_tokens = int(meta["train_tokens"])
         self.unigram = float(batches.unigram_entropy(self.data_path, "val"))
         self.batches = batches.BatchSource(self.data_path, "train", s.model.block_size, train.batch_size,
                                            s.general.seed, rank=dctx.rank, world_size=dctx.world_size)

@@ -11,9 +11,26 @@ ENV_OVERRIDES = {
     "GPT2_NUM_GPUS": "TRAIN_NUM_GPUS",
 }
 
+# GPT2_* variables that are ours but set no symbol: where each is read.
+OTHER_VARIABLES = {
+    "GPT2_BPE_FILE": "gpt2/data/tokenizer.py (a local copy of the GPT-2 BPE file)",
+}
 
-def apply_environment(kconf, environ) -> None:
-    """GPT2_MAX_TIME and friends, validated as if they were .config lines."""
+
+def check_no_unknown(environ) -> None:
+    """A GPT2_* variable we do not read is a typo or a wish (GPT2_LR=1e-3), never silently ignored."""
+    unknown = sorted(v for v in environ if v.startswith("GPT2_") and v not in ENV_OVERRIDES
+                     and v not in OTHER_VARIABLES)
+    if unknown:
+        raise ConfigError(f"environment {', '.join(unknown)}: no such override; the known GPT2_* variables are "
+                          f"{', '.join([*ENV_OVERRIDES, *OTHER_VARIABLES])} (set other options in .config, "
+                          f"e.g. with make menuconfig)")
+
+
+def apply_environment(kconf, environ) -> dict:
+    """GPT2_MAX_TIME and friends, validated as if they were .config lines; returns {variable: value} applied."""
+    check_no_unknown(environ)
+    applied = {}
     for variable, symbol in ENV_OVERRIDES.items():
         value = environ.get(variable)
         if value is None or value == "":
@@ -27,3 +44,5 @@ def apply_environment(kconf, environ) -> None:
         if sym.str_value != str(int(value)):
             raise ConfigError(f"environment {variable}={value} does not take for CONFIG_{symbol}; "
                               f"{why_not_taken(kconf, sym)}")
+        applied[variable] = value
+    return applied

@@ -126,6 +126,35 @@ def load_settings(config_path=".config", kconfig_path=None, environ=None) -> Set
     return settings_from_kconfig(kconf, config_path)
 
 
+def write_effective_config(config_path, out_path, environ=None) -> Settings:
+    """The configuration a run trains with: `config_path` with the environment overrides folded in, validated
+    and written to `out_path` (atomically). Returns its settings.
+
+    The .config's opening comments (the `# preset: NAME` marker `defconfig` writes) stay at the top, followed by
+    a line naming the overrides (if any), so the snapshot says both where it came from and what changed.
+    """
+    kconf = load_strict(config_path)
+    applied = apply_environment(kconf, os.environ if environ is None else environ)
+    settings = settings_from_kconfig(kconf, config_path)
+    header = _opening_comments(config_path)
+    if applied:  # without any, the snapshot is the .config as kconfiglib writes it
+        overrides = ", ".join(f"{variable}={value}" for variable, value in applied.items())
+        header += f"# Effective configuration: {config_path} with the environment's {overrides}\n"
+    write_config_atomically(kconf, out_path, header=header)
+    return settings
+
+
+def _opening_comments(config_path) -> str:
+    """The comment lines a .config opens with, up to its first blank or bare `#` line (the start of kconfiglib's
+    first menu comment) or `# CONFIG_X is not set`."""
+    lines = []
+    for line in Path(config_path).read_text().splitlines():
+        if not line.startswith("# ") or line.startswith("# CONFIG_"):
+            break
+        lines.append(line + "\n")
+    return "".join(lines)
+
+
 def write_config_atomically(kconf, out_path, header=None) -> None:
     """Validate what kconf holds, then write it to a temp file and rename.
 

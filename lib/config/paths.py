@@ -6,6 +6,7 @@ from gpt2.io import REPO_ROOT
 
 KCONFIG_PATH = REPO_ROOT / "Kconfig"
 DEFCONFIG_DIR = REPO_ROOT / "defconfigs"
+DEFAULT_PRESET = "cpu-default"  # what `make defconfig` and a missing .config load
 
 
 def preset_names() -> list:

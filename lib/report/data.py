@@ -1,6 +1,6 @@
 """Report data: run directories -> RunRecords -> pandas tables (per cell, per step, per gate layer).
 
-Built only from what the runs wrote (metrics.json, eval.jsonl, the config snapshot,
+Built only from what the runs wrote (metrics.json, eval.jsonl, settings.json or else the config snapshot,
 env.json) plus, for a matrix, plan.json and the cells' state.json. Nothing is
 re-run or re-measured, so a report can be regenerated at any time.
 """
@@ -18,6 +18,7 @@ from lib.matrix.plan import CELL_CONFIG, load_plan
 from lib.matrix.state import read_state
 from lib.report.stats import matched_point, paired_difference, value_at
 from gpt2.io import CONFIG_NAME, ENV_NAME, EVAL_NAME, METRICS_NAME, read_jsonl
+from gpt2.train.run_dir import SETTINGS_NAME, read_settings_json
 
 EVAL_COLUMNS = ["iter", "tokens", "train_time_s", "wall_time_s", "train_loss", "val_loss", "val_ppl", "lr"]
 
@@ -36,7 +37,8 @@ class RunRecord:
     metrics: dict
     evals: pd.DataFrame  # one row per evaluation, sorted by iter, duplicates from resumes dropped
     env: dict
-    settings: object  # gpt2.settings.Settings, or None when the snapshot cannot be read
+    settings: object  # gpt2.settings.Settings (settings.json, else the snapshot), or None: see settings_error
+    settings_error: str = ""  # why settings is None
 
     @property
     def done(self) -> bool:
@@ -63,15 +65,23 @@ def _read_evals(run_dir) -> pd.DataFrame:
     return frame.drop_duplicates("iter", keep="last").sort_values("iter").reset_index(drop=True)
 
 
-def _read_settings(run_dir):
+def _read_settings(run_dir) -> tuple:
+    """(Settings or None, why there are none): settings.json, which the run wrote; for an older run without
+    one, the config snapshot re-read through the Kconfig tree (the tree may have changed since)."""
+    run_dir = Path(run_dir)
+    if (run_dir / SETTINGS_NAME).exists():
+        try:
+            return read_settings_json(run_dir / SETTINGS_NAME), ""
+        except ValueError as exc:
+            return None, str(exc)
     for name in (CONFIG_NAME, CELL_CONFIG):
-        path = Path(run_dir) / name
+        path = run_dir / name
         if path.exists():
             try:
-                return kcfg.load_settings(path, environ={})
-            except kcfg.ConfigError:
-                return None
-    return None
+                return kcfg.load_settings(path, environ={}), ""
+            except kcfg.ConfigError as exc:
+                return None, f"no {SETTINGS_NAME}, and {name} does not load: {exc}"
+    return None, f"no {SETTINGS_NAME} and no config snapshot"
 
 
 def load_run(run_dir, label=None, variant=None, seed=None, state=None) -> RunRecord:
@@ -79,12 +89,12 @@ def load_run(run_dir, label=None, variant=None, seed=None, state=None) -> RunRec
     metrics = _read_json(run_dir / METRICS_NAME)
     status = state.status if state is not None else metrics.get("status", "pending")
     reason = (state.failure_reason if state is not None else "") or metrics.get("failure_reason") or ""
-    settings = _read_settings(run_dir)
+    settings, settings_error = _read_settings(run_dir)
     if seed is None and settings is not None:
         seed = settings.general.seed
     return RunRecord(run_dir, label or run_dir.name, variant or run_dir.name, seed, status, reason,
                      state.attempts if state is not None else 1, metrics, _read_evals(run_dir),
-                     _read_json(run_dir / ENV_NAME), settings)
+                     _read_json(run_dir / ENV_NAME), settings, settings_error)
 
 
 def load_matrix(matrix_dir) -> tuple:

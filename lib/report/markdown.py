@@ -255,7 +255,9 @@ def run_markdown(run_dir, record, preset, gates, plots) -> str:
              *_provenance_lines([record]),
              f"- **Report written**: {time.strftime('%Y-%m-%d %H:%M:%S')}", "", "## Numbers", ""]
     rows = [["parameters", _si(m.get("params"))], ["iterations", m.get("iters", "–")],
-            ["tokens seen", _si(m.get("tokens_seen"))], ["tokens/s", _si(m.get("tokens_per_s"))],
+            ["tokens seen", _si(m.get("tokens_seen"))],
+            ["epochs (passes over the training split)", _num(m.get("epochs"), 2)],
+            ["tokens/s", _si(m.get("tokens_per_s"))],
             ["ms/step", _num(m.get("ms_per_step"), 1)], ["MFU", _num(m.get("mfu"), 3)],
             ["final val loss", _num(m.get("final_val_loss"))], ["best val loss", _num(m.get("best_val_loss"))],
             ["final val perplexity", _num(m.get("final_val_ppl"), 2)],

@@ -30,7 +30,9 @@ def write_matrix_report(matrix_dir) -> Path:
     verdicts = step_verdicts(tables, baseline)
     plots = report_plots.matrix_plots(matrix_dir, records, tables.steps, tables.gates, plan.variants,
                                       tables.matched_time, tables.matched_tokens)
-    atomic_write_text(matrix_dir / REPORT_MD, matrix_markdown(matrix_dir, plan, records, tables, verdicts, plots))
+    settings_errors = {r.label: r.settings_error for r in records if r.settings_error}
+    markdown = matrix_markdown(matrix_dir, plan, records, tables, verdicts, plots)
+    atomic_write_text(matrix_dir / REPORT_MD, _with_settings_errors(markdown, settings_errors))
     tables.steps.assign(verdict=tables.steps.variant.map(verdicts)).to_csv(matrix_dir / REPORT_CSV, index=False)
     tables.cells.to_csv(matrix_dir / CELLS_CSV, index=False)
     atomic_write_json(matrix_dir / REPORT_JSON, {
@@ -40,7 +42,7 @@ def write_matrix_report(matrix_dir) -> Path:
         "steps": records_json(tables.steps),
         "comparisons": {v: {k: d.to_dict() if d else None for k, d in ds.items()} for v, ds in tables.diffs.items()},
         "verdicts": verdicts, "gates": records_json(tables.gates), "cells": records_json(tables.cells),
-        "plots": [name for _, name in plots]})
+        "plots": [name for _, name in plots], "settings_errors": settings_errors})
     return matrix_dir / REPORT_MD
 
 
@@ -51,12 +53,25 @@ def write_run_report(run_dir) -> Path:
     gates = gate_table([dataclasses.replace(record, status="done")] if record.metrics.get("gates") else [])
     plots = report_plots.run_plots(run_dir, record, gates)
     preset = kcfg.preset_of(run_dir / CONFIG_NAME) if (run_dir / CONFIG_NAME).exists() else ""
-    atomic_write_text(run_dir / REPORT_MD, run_markdown(run_dir, record, preset, gates, plots))
+    markdown = run_markdown(run_dir, record, preset, gates, plots)
+    atomic_write_text(run_dir / REPORT_MD, _with_settings_errors(markdown, {run_dir.name: record.settings_error}
+                                                                 if record.settings_error else {}))
     atomic_write_json(run_dir / REPORT_JSON, {"run": run_dir.name, "status": record.status,
-                                              "failure_reason": record.failure_reason, "metrics": record.metrics,
+                                              "failure_reason": record.failure_reason,
+                                              "settings_error": record.settings_error, "metrics": record.metrics,
                                               "evals": records_json(record.evals), "gates": records_json(gates),
                                               "plots": [n for _, n in plots]})
     return run_dir / REPORT_MD
+
+
+def _with_settings_errors(markdown, errors: dict) -> str:
+    """The report with a line per run whose settings could not be read (its model, seed and budget then show
+    as unknown), placed before the first section so it is not missed."""
+    if not errors:
+        return markdown
+    note = "\n".join(f"- **Settings of {name} unknown**: {why}" for name, why in errors.items()) + "\n"
+    head, sep, rest = markdown.partition("\n## ")
+    return f"{head.rstrip()}\n{note}\n## {rest}" if sep else f"{markdown.rstrip()}\n\n{note}"
 
 
 def write_report(path) -> Path:
