@@ -248,3 +248,18 @@ def test_config_cli_reports_errors_with_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scripts.config", "--config", str(path), "show"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown symbol CONFIG_NOPE" in result.stderr
+
+
+@pytest.mark.parametrize("value, message", [
+    ("res\tults", r"CONFIG_RESULTS_DIR holds control character\(s\) '\\t'"),
+    ("r" * 1100, r"CONFIG_RESULTS_DIR is 1100 characters long; at most 1024"),
+    ("results/" + "x" * 300, r"CONFIG_RESULTS_DIR has a path component of 300 bytes; at most 255"),
+])
+def test_path_options_are_confined_at_load_time(tmp_path, value, message):
+    """Paths from configuration that could only fail later (OSError) or make untypeable names are refused when
+    the configuration loads, naming the symbol, the file and the line."""
+    path = write(tmp_path, f'CONFIG_RESULTS_DIR="{value}"\n')
+    before = path.read_bytes()
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:1: " + message):
+        cfg.load_settings(path, environ={})
+    assert path.read_bytes() == before

@@ -77,6 +77,32 @@ def _where(config_path, symbol) -> str:
     return f"{config_path} (default of CONFIG_{symbol})"
 
 
+# Path options: the results and data directories, the custom text file, a Hugging Face checkpoint directory.
+PATH_SYMBOLS = {"RESULTS_DIR": ("general", "results_dir"), "DATA_DIR": ("data", "data_dir"),
+                "DATASET_CUSTOM_PATH": ("data", "custom_text_path"),
+                "MODEL_HF_CHECKPOINT_DIR": ("model", "hf_checkpoint_dir")}
+MAX_PATH_CHARS = 1024  # well under Linux's PATH_MAX (4096), leaving room for the run and cell names below it
+MAX_NAME_BYTES = 255  # one path component (NAME_MAX)
+
+
+def _check_paths(settings: Settings, config_path) -> None:
+    """A path option is refused at load time, naming it, when it could only fail later with an OSError (or
+    write a file name no one can type): control characters, over MAX_PATH_CHARS, a component over NAME_MAX."""
+    for symbol, (component, field) in PATH_SYMBOLS.items():
+        value = getattr(getattr(settings, component), field)
+        bad = [c for c in value if ord(c) < 32 or ord(c) == 127]
+        if bad:
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol} holds control character(s) "
+                              f"{', '.join(repr(c) for c in dict.fromkeys(bad))}; write a plain path")
+        if len(value) > MAX_PATH_CHARS:
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol} is {len(value)} characters long; "
+                              f"at most {MAX_PATH_CHARS} are allowed")
+        longest = max((len(part.encode("utf-8")) for part in value.split("/")), default=0)
+        if longest > MAX_NAME_BYTES:
+            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol} has a path component of {longest} "
+                              f"bytes; at most {MAX_NAME_BYTES} are allowed")
+
+
 def _check_cross_field(settings: Settings, config_path) -> None:
     """Limits that depend on two options at once (Kconfig ranges are constants)."""
     model, attn, mlp, train = settings.model, settings.attention, settings.mlp, settings.train
@@ -115,6 +141,7 @@ def settings_from_kconfig(kconf, config_path="<kconfig>") -> Settings:
     for name, cls in component_classes():
         components[name] = cls(**{f.name: _read_field(kconf, config_path, f) for f in dataclasses.fields(cls)})
     settings = Settings(**components)
+    _check_paths(settings, config_path)
     _check_cross_field(settings, config_path)
     return settings
 
