@@ -48,7 +48,10 @@ def uses_sampling(kv: KVPruningSettings, length: int) -> bool:
     return kv.use_sampling and length >= kv.sampling_min_length
 
 
-def sample_size(kv: KVPruningSettings, length: int) -> int:
+def sample_size(kv: KVPruningSettings, length):
+    """s = max(64, ceil(sample_fraction * length)) for an int length, or per row for a tensor of lengths."""
+    if isinstance(length, torch.Tensor):
+        return torch.ceil(kv.sample_fraction * length.double()).clamp(min=MIN_SAMPLE).long()
     return max(MIN_SAMPLE, math.ceil(kv.sample_fraction * length))
 
 
@@ -142,8 +145,8 @@ def select_keys(scores: torch.Tensor, k, n_valid, k_max: int | None, kv: KVPruni
         parts.append(select_exact(scores[..., head, :], k[head], k_max))
     if T > first:
         tail = slice(first, T)
-        # s_i = max(64, ceil(fraction (i + 1))), computed on the device; the widest is the last row's
-        sizes = torch.ceil(kv.sample_fraction * (rows[tail].double() + 1) - 1e-9).clamp(min=MIN_SAMPLE).long()
+        # s_i from the row length i + 1, computed on the device; the widest is the last row's
+        sizes = sample_size(kv, rows[tail] + 1)
         parts.append(select_sampled(scores[..., tail, :], k[tail], n_valid[tail], sizes, rows[tail],
                                     width=sample_size(kv, T)))
     return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
