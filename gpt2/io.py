@@ -22,6 +22,8 @@ LOG_NAME = "train.log"
 EVAL_NAME = "eval.jsonl"
 METRICS_NAME = "metrics.json"
 CHECKPOINT_NAME = "ckpt.pt"
+# the weights at the lowest validation loss so far (what sample/eval/export read when it exists)
+BEST_CHECKPOINT_NAME = "ckpt-best.pt"
 
 
 # ---- atomic writes ------------------------------------------------------------
