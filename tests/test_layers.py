@@ -18,7 +18,7 @@ LAYERS = (
     ("gpt2.model", "gpt2.data"),
     ("gpt2.train",),
     ("lib.config",),
-    ("lib.runs",),
+    ("lib.runs", "lib.export", "lib.evaluate"),
     ("lib.matrix",),
     ("lib.report",),
     ("bench",),
