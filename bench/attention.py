@@ -42,6 +42,7 @@ from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
 from bench.op import run_op_section
 from bench.render import write_report
 from bench.report import DEFAULT_SECTIONS, SECTIONS, empty_sections, finalize, merge_earlier
+from bench.sizes import run_sizes_section
 from bench.step import STEP_VARIANTS, run_step_accum_section, run_step_section
 
 
@@ -63,6 +64,12 @@ def parse_args(argv):
                              "output directory as profile-<variant>.txt")
     parser.add_argument("--step-variants", default=",".join(STEP_VARIANTS),
                         help="comma-separated whole-step variants (backend or backend+disc); sdpa is the baseline")
+    parser.add_argument("--sizes", default=None, metavar="NAMES",
+                        help="sizes section: comma-separated model sizes (mini,124M,350M; default all)")
+    parser.add_argument("--compile-modes", default=None, metavar="MODES",
+                        help="sizes section: comma-separated torch.compile modes (default,reduce-overhead)")
+    parser.add_argument("--size-variants", default=None, metavar="VARIANTS",
+                        help="sizes section: comma-separated variants (default sdpa,ra-unified,sdpa+again,ra-same-flop)")
     args = parser.parse_args(argv)
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     unknown = sections - set(SECTIONS)
@@ -117,6 +124,9 @@ def main(argv=None) -> int:
                                          profile_dir=args.out_dir if args.profile else None,
                                          profile_variants=args.profile.split(",")),
         "step-accum": lambda: run_step_accum_section(bench, w, args.accum),
+        "sizes": lambda: run_sizes_section(bench, w, args.sizes and args.sizes.split(","),
+                                           args.compile_modes and args.compile_modes.split(","),
+                                           args.size_variants and args.size_variants.split(",")),
     }
     for name in SECTIONS:  # the report is rewritten after every section, so a killed run keeps what it had
         if name in sections:

@@ -93,6 +93,8 @@ def render_markdown(report) -> str:
         lines.append("")
     if report.get("step-accum"):
         lines += step_accum_lines(report["step-accum"])
+    if report.get("sizes"):
+        lines += size_lines(report["sizes"])
     g = report["gates"]
     if g["rows"]:
         lines += gate_lines(g)
@@ -236,6 +238,25 @@ def merged_note(report) -> str:
     parts = [f"{', '.join(names)} from the run of {date} ({fmt(elapsed, '.0f')} s)"
              for (date, elapsed), names in sorted(by_date.items(), key=lambda item: item[0][0], reverse=True)]
     return " Merged report: " + "; ".join(parts) + "."
+
+
+def size_lines(sizes):
+    """The sizes section: one table, a row per size x compile mode x variant."""
+    lines = ["## Whole training step at every preset size", "",
+             "As the whole-step table (bracketed, interleaved rounds, median with quartiles), for each model size a "
+             "preset trains, compiled by default and with CUDA graphs (mode reduce-overhead). sdpa+again is the "
+             "A/A control: how far its ratio strays from 1 is the resolution of the other ratios in its block.", ""]
+    header = ["size", "compile mode", "variant", "ms/step", "tokens/s", "x baseline", "quartiles", "warm-up s"]
+    rows = []
+    for block in sizes:
+        for name, r in block["variants"].items():
+            head = [block["size"], block["mode"], name]
+            if "skipped" in r or not r.get("rounds_ms"):
+                rows.append(head + [f"not measured: {r.get('skipped', 'failed')}"] + [""] * 4)
+                continue
+            rows.append(head + [fmt(r.get("ms_per_step"), ".2f"), fmt(r.get("tokens_per_s"), ",.0f"),
+                                fmt(r.get("ratio"), ".4f", "x"), quartiles(r), fmt(r.get("warmup_s"), ".1f")])
+    return lines + table_lines(header, rows) + [""]
 
 
 def step_accum_lines(sa):

@@ -26,13 +26,13 @@ LADDER = [
 
 # Sections of the report (keys of the JSON) in the order they run; "layer" (whole attention modules) is on
 # request only.
-SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum"]
-DEFAULT_SECTIONS = ["sdpa", "op", "gates", "kv", "step", "step-accum"]
+SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum", "sizes"]
+DEFAULT_SECTIONS = ["sdpa", "op", "gates", "kv", "step", "step-accum", "sizes"]
 
 
 def empty_sections() -> dict:
     return {"sdpa": None, "op": [], "layer": [], "gates": {"shape": {}, "rows": []}, "kv": {"rows": []},
-            "step": None, "step-accum": None}
+            "step": None, "step-accum": None, "sizes": []}
 
 
 def has_data(report, name) -> bool:

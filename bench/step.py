@@ -48,7 +48,9 @@ def build_training(variant, w, device, compile_model):
     opt = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
                             spam_reset_interval=0, spam_warmup=0)
     optimizer = build_optimizer(model, opt, 6e-4, device.type)
-    forward = torch.compile(model) if compile_model else model
+    # "reduce-overhead": CUDA graphs (the forward and backward each replay as one launch; bench/sizes.py)
+    mode = w.get("compile_mode", "default")
+    forward = torch.compile(model, mode=None if mode == "default" else mode) if compile_model else model
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(s["vocab_size"], (s["batch_size"], s["block_size"] + 1), generator=g)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -60,7 +62,11 @@ def build_step(variant, w, device, compile_model):
     x, y = x.to(device), y.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    graphs = compile_model and w.get("compile_mode") == "reduce-overhead"
+
     def step():
+        if graphs:  # a new step: the graphs may overwrite the previous step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device):
             _, loss = forward(x, y)
         loss.backward()
