@@ -1,13 +1,11 @@
 """Section sizes: the whole training step at every model size a preset uses, with and without CUDA graphs.
 
-The step table (bench/step.py) measures GPT-2 124M only. A small model's step is short enough that the host's
-work (Python, dispatch, kernel launches) outlasts the GPU's: measured on an H200 at 6x384/T256/B64, sdpa and
-ra-unified each kept the GPU busy ~10.4 ms per step while their steps took 15.8 and 17.9 ms, so RA's extra
-launches (gates, composition, more optimizer tensors) showed up as a 1.13x ratio that is host time, not GPU
-time. Under CUDA graphs (torch.compile mode "reduce-overhead") the forward and backward replay as one launch
-each, which takes the host out of the comparison. This section times sdpa, a second sdpa build (the A/A
-control) and the fast RA backends, bracketed and interleaved exactly as the step section does, for each
-size and compile mode.
+The step table (bench/step.py) measures GPT-2 124M only; a ratio there says nothing about a small model, whose
+step is short enough for the host's work (Python, dispatch, launches) to matter. This section times sdpa, a
+second sdpa build (the A/A control) and the fast RA backends, bracketed and interleaved exactly as the step
+section does, for each size and compile mode: torch.compile's default, and "reduce-overhead" (CUDA graphs: the
+forward and backward each replay as one launch, which takes the host out of the step). On an H200 (2026-11-29,
+results/bench/attention-nvidia-h200.md) CUDA graphs made no size faster, so the trainer keeps the default.
 """
 
 import torch
