@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -141,12 +142,6 @@ def test_a_run_without_any_budget_is_refused(tmp_path):
         cfg.load_settings(path, environ={})
 
 
-def test_unimplemented_option_is_refused_not_ignored(tmp_path):
-    path = write(tmp_path, "CONFIG_TRACKING_WANDB=y\n")
-    with pytest.raises(cfg.ConfigError, match=r"CONFIG_TRACKING_WANDB=y .*not implemented yet"):
-        cfg.load_settings(path, environ={})
-
-
 def test_environment_overrides_are_validated(make_config):
     path = make_config()
     assert cfg.load_settings(path, environ={"GPT2_MAX_TIME": "123"}).train.max_time_s == 123
@@ -263,3 +258,75 @@ def test_path_options_are_confined_at_load_time(tmp_path, value, message):
     with pytest.raises(cfg.ConfigError, match=r"defconfig:1: " + message):
         cfg.load_settings(path, environ={})
     assert path.read_bytes() == before
+
+
+def test_misspelled_symbols_suggest_the_closest_names(tmp_path, make_config):
+    """Wherever an unknown name is reported (a .config or defconfig line, a matrix override, a GPT2_*
+    variable), the message offers the nearest real names."""
+    path = write(tmp_path, "CONFIG_MODEL_SIZE_GPT2_TINY=y\nCONFIG_ATTN_RA_RANKK=4\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:2: unknown symbol CONFIG_ATTN_RA_RANKK "
+                                              r"\(did you mean CONFIG_ATTN_RA_RANK\?\)"):
+        cfg.apply_defconfig(path, tmp_path / ".config")
+    with pytest.raises(cfg.ConfigError, match=r"CONFIG_TRAIN_LR_MINN=0.1: unknown symbol \(did you mean "
+                                              r"CONFIG_TRAIN_LR_MIN\b"):
+        cfg.write_cell_config(make_config(), {"TRAIN_LR_MINN": "0.1"}, tmp_path / "cell")
+    with pytest.raises(cfg.ConfigError, match=r"GPT2_MAX_TIEM \(did you mean GPT2_MAX_TIME\?\)"):
+        cfg.load_settings(make_config(), environ={"GPT2_MAX_TIEM": "60"})
+    with pytest.raises(cfg.ConfigError, match=r"unknown symbol CONFIG_NOPE; search the names with /"):
+        cfg.load_settings(write(tmp_path, "CONFIG_NOPE=1\n"), environ={})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"CONFIG_SEED=1\nCONFIG_RESULTS_DIR=\"r\xe9sults\"\n", r":2: byte 0xe9 is not UTF-8 text"),
+    (b"CONFIG_SEED=1\r\nCONFIG_TRAIN_LR=\"6e-4\x00\"\r\n", r":2: NUL byte"),
+    (None, r": is a directory, not a configuration file"),
+])
+def test_unreadable_configs_are_one_line_errors_from_every_command(tmp_path, capsys, content, message):
+    """Bytes that are not UTF-8, NUL bytes, and a .config that is a directory: one line naming the file (and
+    line) from every configuration command, never a traceback; nothing is written."""
+    from scripts import config as config_cli
+
+    config = tmp_path / ".config"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+    for command in (["show"], ["savedefconfig", "--out", str(tmp_path / "defconfig")], ["olddefconfig"],
+                    ["oldconfig"], ["listnewconfig"], ["menuconfig"], ["set", "SEED=2"]):
+        assert config_cli.main(["--config", str(config), *command]) == 2, command
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and re.search(re.escape(str(config)) + message, err), (command, err)
+    if content is not None:
+        assert config.read_bytes() == content
+    assert not (tmp_path / "defconfig").exists()
+
+
+@pytest.mark.parametrize("command", [["lib.runs.train", "--config", "{config}", "--run-dir", "{run}"],
+                                     ["scripts.run", "--config", "{config}"],
+                                     ["scripts.matrix", "check", "--config", "{config}"],
+                                     ["scripts.prepare_data", "--config", "{config}"]])
+def test_entry_points_refuse_a_config_that_is_not_utf8_in_one_line(tmp_path, command):
+    """lib/config is the only reader of .config, so the training, matrix and data entry points refuse it the
+    same way (one line, exit status 2)."""
+    config = tmp_path / ".config"
+    config.write_bytes(b"# preset: cpu-tiny-run\nCONFIG_SEED=\xff\n")
+    args = [a.format(config=config, run=tmp_path / "run") for a in command]
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cfg.REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and ":2: byte 0xff is not UTF-8" in proc.stderr
+
+
+def test_a_missing_or_broken_kconfig_tree_is_one_line(repo_copy):
+    cfg.apply_defconfig(cfg.preset_path("cpu-tiny-run"), repo_copy / ".config")
+    (repo_copy / "Kconfig").rename(repo_copy / "Kconfig.away")
+    for command in (["show"], ["defconfig"], ["olddefconfig"], ["listnewconfig"], ["set", "SEED=2"]):
+        proc = subprocess.run([sys.executable, "-m", "scripts.config", *command], cwd=repo_copy,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "Kconfig tree's top file is missing" in proc.stderr, (command, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1
+    (repo_copy / "Kconfig.away").rename(repo_copy / "Kconfig")
+    (repo_copy / "kconfig" / "general.Kconfig").write_bytes(b"config BROKEN\n\tbool \"\xff\"\n")
+    proc = subprocess.run([sys.executable, "-m", "scripts.config", "show"], cwd=repo_copy, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "Kconfig tree" in proc.stderr and len(proc.stderr.splitlines()) == 1

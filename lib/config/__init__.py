@@ -1,9 +1,11 @@
 """The Kconfig framework's front door: Kconfig tree + .config -> gpt2.settings.Settings.
 
-Modules (each with one job): paths (where inputs live), kconfig (load a .config strictly), environment
-(GPT2_* overrides), load (typed settings and cross-field limits; the only reader of .config), presets
-(defconfigs/), cells (a matrix cell's config), steps (the ablation steps). The names below are the
-package's interface; callers outside lib/config use them rather than the modules.
+Modules (each with one job): paths (where inputs live), kconfig (read and load a .config strictly),
+environment (GPT2_* overrides), load (typed settings and cross-field limits; the only reader of .config),
+presets (defconfigs/), cells (overrides: a matrix cell's config, make set), edit (set, olddefconfig,
+savedefconfig, alldefconfig, listnewconfig), oldconfig (its questions), menu (menuconfig with validated
+saves), steps (the ablation steps). The names below are the package's interface; callers outside lib/config
+use them rather than the modules (scripts/config.py also calls edit and menu, the commands themselves).
 """
 
 from lib.config.cells import write_cell_config

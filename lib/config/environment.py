@@ -2,7 +2,7 @@
 
 import re
 
-from lib.config.kconfig import ConfigError, describe_allowed, why_not_taken
+from lib.config.kconfig import ConfigError, describe_allowed, did_you_mean, why_not_taken
 
 ENV_OVERRIDES = {
     "GPT2_MAX_TIME": "GPT2_MAX_TIME",
@@ -19,12 +19,12 @@ OTHER_VARIABLES = {
 
 def check_no_unknown(environ) -> None:
     """A GPT2_* variable we do not read is a typo or a wish (GPT2_LR=1e-3), never silently ignored."""
-    unknown = sorted(v for v in environ if v.startswith("GPT2_") and v not in ENV_OVERRIDES
-                     and v not in OTHER_VARIABLES)
+    known = [*ENV_OVERRIDES, *OTHER_VARIABLES]
+    unknown = sorted(v for v in environ if v.startswith("GPT2_") and v not in known)
     if unknown:
-        raise ConfigError(f"environment {', '.join(unknown)}: no such override; the known GPT2_* variables are "
-                          f"{', '.join([*ENV_OVERRIDES, *OTHER_VARIABLES])} (set other options in .config, "
-                          f"e.g. with make menuconfig)")
+        named = ", ".join(v + did_you_mean(v, known, "GPT2_") for v in unknown)
+        raise ConfigError(f"environment {named}: no such override; the known GPT2_* variables are "
+                          f"{', '.join(known)} (set other options in .config, e.g. with make set or make menuconfig)")
 
 
 def apply_environment(kconf, environ) -> dict:
@@ -37,9 +37,10 @@ def apply_environment(kconf, environ) -> dict:
             continue
         value = value.strip()
         sym = kconf.syms[symbol]
-        if not re.fullmatch(r"\d+", value):
+        if not re.fullmatch(r"[0-9]+", value):  # ASCII digits: \d would let '٣' through to kconfiglib
             raise ConfigError(f"environment {variable}={value!r} is not a non-negative integer "
                               f"(it sets CONFIG_{symbol}; allowed: {describe_allowed(sym)})")
+        value = str(int(value))  # 007 means 7, as it would in a .config
         sym.set_value(value)
         if sym.str_value != str(int(value)):
             raise ConfigError(f"environment {variable}={value} does not take for CONFIG_{symbol}; "

@@ -8,23 +8,16 @@ here writes `.config` except `write_config_atomically`, which validates first an
 """
 
 import dataclasses
+import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from gpt2.io import atomic_path
 from gpt2.model.attention.registry import lookup
 from gpt2.settings import Settings, check_budget, component_classes
 from lib.config.environment import apply_environment
-from lib.config.kconfig import ConfigError, load_strict, parse_assignments
-
-# Options that exist in the menu before their code does. Selecting one is an
-# error, never a silent no-op.
-NOT_IMPLEMENTED = {
-    "TRACKING_TRACKIO": "the trackio tracker",
-    "TRACKING_WANDB": "the Weights & Biases tracker",
-}
-
+from lib.config.kconfig import ConfigError, load_strict, parse_assignments, read_config_lines
 
 def _selected_choice_value(kconf, prefix):
     candidates = [c for c in kconf.choices if c.syms and all(s.name.startswith(prefix + "_") for s in c.syms)]
@@ -47,7 +40,7 @@ def _read_field(kconf, config_path, field):
     if kind == "bool":
         return raw == "y"
     if kind == "int":
-        return int(raw, 0) if raw else 0  # '' when its dependency is off
+        return int(raw, 10) if raw else 0  # '' when its dependency is off; base 10: "010" is ten, as in kconfiglib
     if kind == "str":
         return raw
     if kind == "list":
@@ -61,18 +54,21 @@ def _read_field(kconf, config_path, field):
             raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}=\"{raw}\" is not a number; "
                               f"write a float such as \"0.1\" or \"6e-4\"") from None
         low, high = field.metadata.get("min"), field.metadata.get("max")
-        if value != value or (low is not None and value < low) or (high is not None and value > high):
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
             raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}={raw} is outside {low}..{high}")
         return value
     raise AssertionError(f"unknown field kind {kind}")
 
 
 def _where(config_path, symbol) -> str:
+    """The file and line that set `symbol`; config_path may also name a source that is not a file."""
+    if not Path(config_path).is_file():
+        return str(config_path)
     try:
         for a in parse_assignments(config_path):
             if a.symbol == symbol:
                 return a.where()
-    except (OSError, ConfigError):
+    except ConfigError:
         pass
     return f"{config_path} (default of CONFIG_{symbol})"
 
@@ -133,10 +129,6 @@ def _check_cross_field(settings: Settings, config_path) -> None:
 
 
 def settings_from_kconfig(kconf, config_path="<kconfig>") -> Settings:
-    for symbol, what in NOT_IMPLEMENTED.items():
-        if kconf.syms[symbol].str_value == "y":
-            raise ConfigError(f"{_where(config_path, symbol)}: CONFIG_{symbol}=y selects {what}, which is not "
-                              f"implemented yet; choose another option in menuconfig")
     components = {}
     for name, cls in component_classes():
         components[name] = cls(**{f.name: _read_field(kconf, config_path, f) for f in dataclasses.fields(cls)})
@@ -175,30 +167,37 @@ def _opening_comments(config_path) -> str:
     """The comment lines a .config opens with, up to its first blank or bare `#` line (the start of kconfiglib's
     first menu comment) or `# CONFIG_X is not set`."""
     lines = []
-    for line in Path(config_path).read_text().splitlines():
+    for line in read_config_lines(config_path):
         if not line.startswith("# ") or line.startswith("# CONFIG_"):
             break
         lines.append(line + "\n")
     return "".join(lines)
 
 
-def write_config_atomically(kconf, out_path, header=None) -> None:
-    """Validate what kconf holds, then write it to a temp file and rename.
+def write_config_atomically(kconf, out_path, header=None, write=None) -> Settings:
+    """Write what kconf holds to a temporary sibling of `out_path`, validate that file as every command would
+    read it, and only then rename it over `out_path`; returns its settings.
 
-    A config that fails validation never reaches `out_path`, so a bad preset
-    or override leaves the current .config untouched.
+    A config that fails validation never reaches `out_path`, so a bad preset, override, `make set` or
+    menuconfig save leaves the current .config untouched; the error names the line of the file it would have
+    been, and says that it was not written. `write` is kconf's own write_config unless given (menuconfig replaces
+    kconf's with a validated save, which hands the original in).
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(fd)
+    if out_path.is_dir():
+        raise ConfigError(f"{out_path}: is a directory; a configuration is written to a file")
     try:
-        if header is None:
-            kconf.write_config(tmp, save_old=False)
-        else:
-            kconf.write_config(tmp, header=header, save_old=False)
-        settings_from_kconfig(load_strict(tmp), out_path)  # must read back cleanly
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_path(out_path) as tmp:
+            write = write or kconf.write_config
+            if header is None:
+                write(str(tmp), save_old=False)
+            else:
+                write(str(tmp), header=header, save_old=False)
+            try:
+                settings = settings_from_kconfig(load_strict(tmp), tmp)  # must read back cleanly
+            except ConfigError as error:
+                where = str(error).replace(f"{tmp}:", "line ").replace(str(tmp), "the new configuration")
+                raise ConfigError(f"{out_path} not written: {where}") from None
+    except OSError as error:
+        raise ConfigError(f"{out_path}: cannot write it ({error.strerror or error})") from None
+    return settings

@@ -7,8 +7,8 @@ the name from it, so every command that rewrites .config (olddefconfig, menuconf
 import re
 from pathlib import Path
 
-from lib.config.kconfig import ConfigError, load_kconfig, load_strict
-from lib.config.load import write_config_atomically
+from lib.config.kconfig import ConfigError, load_kconfig, load_strict, read_config_lines
+from lib.config.load import settings_from_kconfig, write_config_atomically
 from lib.config.paths import DEFCONFIG_DIR, REPO_ROOT, preset_names
 
 PRESET_MARKER = "preset:"
@@ -33,7 +33,7 @@ def preset_path(name) -> Path:
 
 def preset_description(name) -> str:
     """The preset's first comment line (what it is for and how long it runs)."""
-    for line in preset_path(name).read_text().splitlines():
+    for line in read_config_lines(preset_path(name)):
         if line.startswith("#"):
             return line.lstrip("#").strip()
     return ""
@@ -46,6 +46,7 @@ def preset_header(name) -> str:
 def apply_defconfig(defconfig_path, out_path=".config") -> None:
     """`make defconfig-NAME`: expand a minimal defconfig to a full .config."""
     kconf = load_strict(defconfig_path)
+    settings_from_kconfig(kconf, defconfig_path)  # cross-field errors named at the defconfig's own lines
     write_config_atomically(kconf, out_path, header=preset_header(Path(defconfig_path).name))
 
 
@@ -53,7 +54,7 @@ def preset_of(config_path) -> str:
     """The preset a .config was made from (the marker `defconfig` writes), or ''; a marker that is not a
     preset name (`# preset: ../../x`) is an error, since the name becomes a directory under results/."""
     prefix = f"# {PRESET_MARKER}"
-    for line in Path(config_path).read_text().splitlines()[:5]:
+    for line in read_config_lines(config_path)[:5]:
         if line.startswith(prefix):
             name = line[len(prefix):].strip()
             if not is_preset_name(name):
@@ -75,9 +76,9 @@ def rewrite_keeping_preset(kconf, config_path) -> None:
     write_config_atomically(kconf, config_path, header=header_of(config_path))
 
 
-def kconfig_keeping_preset(config_path):
+def kconfig_keeping_preset(config_path, kconfig_class=None):
     """The Kconfig tree, set so that its own saves (menuconfig's) keep config_path's preset header."""
-    kconf = load_kconfig()
+    kconf = load_kconfig() if kconfig_class is None else load_kconfig(kconfig_class=kconfig_class)
     header = header_of(config_path)
     if header is not None:
         kconf.config_header = header  # what kconfiglib's write_config() writes when given no header
