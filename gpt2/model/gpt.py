@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.model.attention import build_attention
-from gpt2.model.attention.hooks import RoutingMonitor, cached_composition
+from gpt2.model.attention.hooks import RoutingMonitor, cached_composition, composed_parameters
 from gpt2.model.mlp import build_mlp
 from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
@@ -59,6 +59,10 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x
 
+    def forward_cached(self, x, cache):  # (B, T_new, C) -> (B, T_new, C); cache: this layer's LayerCache
+        x = x + self.attn.forward_cached(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
 
 class GPT(nn.Module):
     """GPT-2 (module doc) with the hooks a trainer calls around its optimizer step.
@@ -66,10 +70,10 @@ class GPT(nn.Module):
     A trainer knows the model only through forward() and these; what an attention variant does behind
     them stays in gpt2/model/attention, and for plain GPT-2 each is a no-op:
 
-        accumulation(compiled)  context manager around one optimizer step's forward/backward micro-steps.
-                                ra-unified composes its QKV weights once inside it and sends their gradient
-                                back through the composition when it closes; so not under DDP, whose
-                                all-reduce runs before that (gpt2.train.step.TrainStep).
+        accumulation(compiled, reduce)  context manager around one optimizer step's micro-steps: ra-unified
+                                composes its QKV weights once inside it and sends their gradient back
+                                through the composition when it closes, after reduce() averaged it across
+                                DDP's processes (which then leave composed_parameters() alone).
         regularization_loss()   a term the trainer adds to the objective once per optimizer step, or None.
         refresh_routing()       recompute what compiled forwards hold constant (head-selective routing)
                                 after the parameters changed; one log line per layer whose routing changed.
@@ -162,6 +166,21 @@ class GPT(nn.Module):
             return None, loss
         return logits[..., : self.vocab_size], loss
 
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """Incremental decoding (gpt2/model/decode.py): idx (B, T_new) are the tokens after the cache.length
+        cached ones -> logits (B, T_new, vocab_size), forward()'s at those positions (eval mode); the cache
+        grows by them. Positions run on from cache.length, so cache.length + T_new <= block_size."""
+        start, T = cache.length, cache.length + idx.shape[1]
+        if T > self.settings.block_size:
+            raise ValueError(f"{T} tokens with the cache exceed the block size {self.settings.block_size}")
+        pos = torch.arange(start, T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block, layer_cache in zip(self.transformer.h, cache.layers):
+            x = block.forward_cached(x, layer_cache)
+        cache.length = T
+        return self.lm_head(self.transformer.ln_f(x))[..., : self.vocab_size]  # padded columns sliced off
+
     # ---- introspection used by the trainer --------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -179,9 +198,14 @@ class GPT(nn.Module):
 
     # ---- hooks the trainer calls (class doc) ------------------------------------------
 
-    def accumulation(self, compiled: bool = False):
-        """Context manager for one optimizer step's micro-steps; `compiled`: the model runs under torch.compile."""
-        return cached_composition(self, compiled)
+    def accumulation(self, compiled: bool = False, reduce=None):
+        """Context manager for one optimizer step's micro-steps; `compiled`: the model runs under torch.compile;
+        `reduce(grads)`: averages the composed weights' gradients across processes (DDP) before they go back."""
+        return cached_composition(self, compiled, reduce=reduce)
+
+    def composed_parameters(self) -> list:
+        """The parameters the accumulation hook composes from (DDP must leave their gradients to `reduce`)."""
+        return composed_parameters(self)
 
     def regularization_loss(self) -> torch.Tensor | None:
         """Sum of the attention modules' regularization terms (None when no module has one)."""

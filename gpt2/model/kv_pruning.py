@@ -20,7 +20,8 @@ layer's logits over keep_i only (renormalised), times v. The selection is not di
 
 Selection of the top k_i (select_keys), row by row, so that row i's keep set is a function of the
 tokens <= i and of i alone (never of the sequence length T, nor of any RNG): evaluation is reproducible and
-an incremental decoder that sees i + 1 tokens selects exactly what training selected at row i.
+an incremental decoder that sees i + 1 tokens selects exactly what training selected at row i
+(pruned_attention_rows: the new rows only, from the column sums sum_{m < start} A_mj the decoder keeps).
     exact    torch.topk over the candidates.
     sampled  (CONFIG_RA_USE_SAMPLING and i + 1 >= CONFIG_RA_SAMPLING_MIN_LENGTH) take a systematic sample
              of s_i = min(max(64, ceil(sample_fraction * (i + 1))), n_i) candidates at positions
@@ -130,25 +131,26 @@ def select_sampled(scores: torch.Tensor, k, n_valid, n_sample, rows=None, width:
     return (scores >= threshold) & (k > 0).unsqueeze(-1)
 
 
-def select_keys(scores: torch.Tensor, k, n_valid, k_max: int | None, kv: KVPruningSettings, rows=None):
-    """Exact or sampled selection per row (module doc). scores (..., T, N) with rows (T,) the query positions
-    (default 0..T-1), k and n_valid (T,) per row; rows with i + 1 >= CONFIG_RA_SAMPLING_MIN_LENGTH sample,
-    the earlier ones (a prefix) select exactly."""
+def select_keys(scores: torch.Tensor, k, n_valid, k_max: int | None, kv: KVPruningSettings, start: int = 0):
+    """Exact or sampled selection per row (module doc). scores (..., T, N) hold the rows of the query positions
+    i = start..start+T-1 (training: start = 0; an incremental decoder: the tokens it has cached), k and n_valid
+    (T,) per row; rows with i + 1 >= CONFIG_RA_SAMPLING_MIN_LENGTH sample, the earlier ones (a prefix) select
+    exactly."""
     T = scores.shape[-2]
-    rows = torch.arange(T, device=scores.device) if rows is None else rows
+    rows = torch.arange(start, start + T, device=scores.device)
     if not kv.use_sampling:
         return select_exact(scores, k, k_max)
-    first = max(kv.sampling_min_length - 1, 0)  # rows i >= first sample
+    first = min(max(kv.sampling_min_length - 1 - start, 0), T)  # rows from index `first` on sample
     parts = []
     if first > 0:
-        head = slice(0, min(first, T))
+        head = slice(0, first)
         parts.append(select_exact(scores[..., head, :], k[head], k_max))
     if T > first:
         tail = slice(first, T)
         # s_i from the row length i + 1, computed on the device; the widest is the last row's
         sizes = sample_size(kv, rows[tail] + 1)
         parts.append(select_sampled(scores[..., tail, :], k[tail], n_valid[tail], sizes, rows[tail],
-                                    width=sample_size(kv, T)))
+                                    width=sample_size(kv, start + T)))
     return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
@@ -164,15 +166,22 @@ def keep_counts(length: int, kv: KVPruningSettings, device=None):
 
 def causal_keep_mask(probs: torch.Tensor, kv: KVPruningSettings) -> torch.Tensor:
     """Bool (..., T, T) keep mask from causal attention probabilities probs (..., T, T) (see module doc)."""
-    T = probs.shape[-1]
-    device = probs.device
-    n_valid, k, window = keep_counts(T, kv, device)
-    lag = torch.arange(T, device=device).unsqueeze(1) - torch.arange(T, device=device).unsqueeze(0)  # i - j
-    received = probs.cumsum(dim=-2)  # [i, j] = sum_{m <= i} A_mj
+    return keep_mask_rows(probs.cumsum(dim=-2), kv)  # [i, j] = sum_{m <= i} A_mj
+
+
+def keep_mask_rows(received: torch.Tensor, kv: KVPruningSettings, start: int = 0) -> torch.Tensor:
+    """Bool (..., T, N) keep mask of the query rows i = start..start+T-1 over N = start + T keys, from
+    received (..., T, N) whose row of query i holds sum_{m <= i} A_mj (module doc). start = 0 is the whole
+    sequence (causal_keep_mask); an incremental decoder passes the rows of its new tokens."""
+    T, N = received.shape[-2:]
+    device = received.device
+    n_valid, k, window = keep_counts(N, kv, device)
+    n_valid, k = n_valid[start:], k[start:]
+    lag = torch.arange(start, N, device=device).unsqueeze(1) - torch.arange(N, device=device).unsqueeze(0)  # i - j
     importance = received / (lag + 1).clamp(min=1)
     scores = importance.masked_fill(lag < window, float("-inf"))  # candidates: j <= i - W
-    k_max = int(min(math.ceil(kv.keep_ratio * T - 1e-9), max(T - window, 0)))
-    chosen = select_keys(scores, k, n_valid, k_max, kv)
+    k_max = int(min(math.ceil(kv.keep_ratio * N - 1e-9), max(N - window, 0)))  # the last row's k (k_i grows with i)
+    chosen = select_keys(scores, k, n_valid, k_max, kv, start)
     return chosen | ((lag >= 0) & (lag < window))
 
 
@@ -197,3 +206,25 @@ def pruned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     dt = torch.promote_types(q.dtype, torch.float32)
     logits = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
     return pruned_attention_from_logits(logits, v, kv, dropout_p)
+
+
+def pruned_attention_rows(logits: torch.Tensor, v: torch.Tensor, kv: KVPruningSettings, received, start: int):
+    """The rows i = start..start+T-1 of pruned_attention_from_logits, for an incremental decoder.
+
+    logits (B, H, T, N) with N = start + T: those rows' logits against every key so far; v (B, H, N, Dv);
+    received (B, H, start), or None when start = 0: sum_{m < start} A_mj, the causal attention the earlier
+    rows gave each key (the decoder keeps it, gpt2/model/attention/cache.py). Row i's importance adds the rows
+    m = start..i of this chunk, so its keep set is the one causal_keep_mask gives row i of the whole sequence.
+    -> (out (B, H, T, Dv), received (B, H, N) through the last row, for the next call).
+    """
+    T, N = logits.shape[-2:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    device = logits.device
+    causal = torch.arange(N, device=device).unsqueeze(0) <= torch.arange(start, N, device=device).unsqueeze(1)
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    so_far = probs.cumsum(dim=-2)  # [r, j] = sum_{m = start..start+r} A_mj
+    if received is not None:
+        so_far = so_far + F.pad(received.to(so_far.dtype), (0, T)).unsqueeze(-2)
+    keep = keep_mask_rows(so_far, kv, start) & causal
+    p = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    return (p @ v.to(p.dtype)).to(v.dtype), so_far[..., -1, :]

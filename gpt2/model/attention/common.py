@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gpt2.settings import AttentionSettings, KVPruningSettings, ModelSettings
 
 from .. import kv_pruning
+from .cache import LayerCache, attend_rows
 from .gates import Gate, SelfRestart, extra_parameter
 
 # w_disc starts at 1 and u at 0: the bias is off at init (d_j = 0) yet u receives gradient.
@@ -88,6 +89,32 @@ class AttentionBase(nn.Module):
         B, H, T, D = y.shape
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_dropout(self.c_proj(y))
+
+    # --- incremental decoding (cache.py): the rows of new tokens, equal to forward()'s ---------------------
+    def forward_cached(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """x (B, T, C) holds the T tokens after the cache's; -> (B, T, C), forward()'s rows for them (eval: no
+        dropout). The cache grows by the T tokens."""
+        q, k, v = self.split_heads(self.project(x))
+        return self.finish(self.cached_heads(q, k, v, cache), v)
+
+    def cache_fold(self, q: torch.Tensor, k: torch.Tensor):
+        """Per-token (q~, k~) with L_ij = q~_i . k~_j * scale: plain attention's q, k (RA backends fold)."""
+        return q, k
+
+    def cached_heads(self, q, k, v, cache: LayerCache) -> torch.Tensor:
+        """attention_heads() for the new tokens' rows: fold, append k~ and v to the cache, attend. -> (B, H, T, D)"""
+        start = cache.length
+        q, k = self.cache_fold(q, k)
+        keys, values = cache.extend(keys=k, values=v)
+        if self.kv is None:
+            return attend_rows(q, keys, values, start, self.scale)
+        dt = torch.promote_types(q.dtype, torch.float32)  # pruned_attention's logits
+        return self.pruned_rows((q.to(dt) @ keys.to(dt).transpose(-1, -2)) * self.scale, values, cache, start)
+
+    def pruned_rows(self, logits, values, cache: LayerCache, start: int) -> torch.Tensor:
+        """KV-pruned attention of the rows start.. from their logits (B, H, T, start + T); keeps `received`."""
+        y, cache.received = kv_pruning.pruned_attention_rows(logits, values, self.kv, cache.received, start)
+        return y
 
 
 class RAAttentionBase(AttentionBase):
@@ -197,6 +224,25 @@ class RAAttentionBase(AttentionBase):
         y = torch.cat(outputs, dim=1)
         inverse = torch.tensor(sorted(range(self.n_head), key=lambda h: order[h]), device=q.device)
         return y.index_select(1, inverse)
+
+    def cache_fold(self, q, k):
+        """(q~, k~) of every head at one width, for the decode cache (backends that define fold()). With routing,
+        the plain heads' fold (q~ = w_std q (+ bias), k~ = k) is zero-padded to the RA heads' width: the zeros
+        add nothing to q~ . k~, so the logits are attend_routed's."""
+        ra_heads = self.current_routing()
+        if ra_heads is None:
+            return self.fold(q, k, None, True)
+        plain_heads = tuple(h for h in range(self.n_head) if h not in ra_heads)
+        groups, order = [], []
+        for heads, reciprocal in ((plain_heads, False), (ra_heads, True)):
+            if heads:
+                idx = torch.tensor(heads, device=q.device)
+                groups.append(self.fold(q.index_select(1, idx), k.index_select(1, idx), idx, reciprocal))
+                order.extend(heads)
+        width = max(q_t.shape[-1] for q_t, _ in groups)
+        q_t, k_t = (torch.cat([F.pad(g[i], (0, width - g[i].shape[-1])) for g in groups], dim=1) for i in (0, 1))
+        inverse = torch.tensor(sorted(range(self.n_head), key=lambda h: order[h]), device=q.device)
+        return q_t.index_select(1, inverse), k_t.index_select(1, inverse)
 
     # --- discoverability fold ----------------------------------------------------------------
     def std_query(self, q: torch.Tensor, w_std: torch.Tensor, idx=None) -> torch.Tensor:

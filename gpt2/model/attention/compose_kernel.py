@@ -32,9 +32,9 @@ Launch settings measured on an H100 with 12 layers' weights in turn (cold L2): r
 import math
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from .triton_support import HAVE_TRITON, tl, triton
+from .triton_support import HAVE_TRITON, kernel_op, tl, triton
 
 FWD_BLOCK_C, FWD_WARPS = 32, 4
 BWD_BLOCK_C, BWD_WARPS = 16, 4
@@ -209,7 +209,7 @@ def _stride(gate_root: torch.Tensor) -> int:
     return int(gate_root.numel() > 1)
 
 
-@triton_op("gpt2ra::compose_qkv", mutates_args=())
+@kernel_op("gpt2ra::compose_qkv", mutates_args=())
 def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std: torch.Tensor,
                 s_rec: torch.Tensor, u: torch.Tensor, s_disc: torch.Tensor, std_dim: int, rec_threshold: float,
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +231,7 @@ def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std
     return out, out_b
 
 
-@triton_op("gpt2ra::compose_qkv_backward", mutates_args=())
+@kernel_op("gpt2ra::compose_qkv_backward", mutates_args=())
 def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          P: torch.Tensor, s_std: torch.Tensor, s_rec: torch.Tensor, u: torch.Tensor,
                          s_disc: torch.Tensor, std_dim: int, rec_threshold: float) -> list[torch.Tensor]:

@@ -3,7 +3,9 @@
     GPT.accumulation()     -> cached_composition: ra-unified composes its QKV weights once per optimizer step
     GPT.refresh_routing()  -> RoutingMonitor.refresh: head-selective routing recomputed, changes logged
 
-A trainer reaches them only through those hooks and knows nothing of them.
+A trainer reaches them only through those hooks, except under DDP: there it also asks composed_parameters()
+which parameters to keep out of DDP's reduction, and passes cached_composition a `reduce` that averages the
+composed weights' gradient across processes (gpt2/train/step.py).
 """
 
 import contextlib
@@ -66,8 +68,25 @@ def _compose_every_layer_compiled():
     return torch.compile(_compose_every_layer, dynamic=False)
 
 
+def composed_parameters(model: nn.Module) -> list:
+    """The parameters ra-unified composes its QKV weight from, every layer: c_attn's weight and bias, P, the gate
+    roots s_std, s_rec (, u, s_disc with discoverability), the inputs of composed_qkv().
+
+    A forward reads them only through the composed (W~, b~); the only other term that reads one is the w_rec L1
+    penalty, which is the same on every process. So under DDP they can be left out of DDP's reduction and
+    their gradient averaged through (W~, b~) instead: cached_composition(reduce=...) (gpt2/train/step.py).
+    """
+    params = []
+    for m in model.modules():
+        if isinstance(m, RAUnifiedAttention):
+            gates = [m.w_std, m.w_rec] + ([m.w_disc] if m.discoverability else [])
+            params += [*m.c_attn.parameters(), m.P, *(g.sqrt_weight for g in gates)]
+            params += [m.u] if m.discoverability else []
+    return params
+
+
 @contextlib.contextmanager
-def cached_composition(model: nn.Module, compiled: bool = False):
+def cached_composition(model: nn.Module, compiled: bool = False, reduce=None):
     """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
 
         with cached_composition(model):
@@ -77,8 +96,16 @@ def cached_composition(model: nn.Module, compiled: bool = False):
 
     The composed weights are leaves during the block; on exit their accumulated gradient goes back
     through the composition once, for all layers in one backward call. `compiled` composes through
-    torch.compile (use it when the model itself is compiled). Single-process only: under DDP the
-    composition's gradient would land after the gradient all-reduce.
+    torch.compile (use it when the model itself is compiled).
+
+    `reduce(grads) -> grads` maps the composed weights' accumulated gradients (one list, every layer) before
+    they go back: under DDP their mean over the processes. The composition is linear in its output gradient,
+    so with G_r the gradient rank r accumulated and J the composition's Jacobian (the same on every rank),
+        J^T (1/N sum_r G_r) = 1/N sum_r J^T G_r,
+    exactly what DDP gives c_attn, P and the gates when each micro-step composes anew. DDP must then leave
+    composed_parameters() alone (gpt2.train.distributed.wrap_ddp): it reduces during the last micro-step's
+    backward, before their gradient exists. A block left by an exception sends nothing back (a collective
+    on one rank only would hang the others).
     """
     modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
     if not modules:
@@ -89,11 +116,14 @@ def cached_composition(model: nn.Module, compiled: bool = False):
         m.hold_composition(composed)
     try:
         yield
-    finally:
-        outputs, grads = [], []
+    except BaseException:
         for m in modules:
-            for full, grad in m.release_composition():
-                outputs.append(full)
-                grads.append(grad)
-        if outputs:
-            torch.autograd.backward(outputs, grads)
+            m.release_composition()
+        raise
+    outputs, grads = [], []
+    for m in modules:
+        for full, grad in m.release_composition():
+            outputs.append(full)
+            grads.append(grad)
+    if outputs:
+        torch.autograd.backward(outputs, grads if reduce is None else reduce(grads))

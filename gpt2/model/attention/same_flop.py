@@ -82,10 +82,13 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
                 self.key_bias_vector() if disc else None, self.w_disc() if disc else None)
 
     def attention_heads(self, q, k, v):
+        return self.attend(*self.fold_heads(q, k), v)
+
+    def fold_heads(self, q, k):
+        """(q~, k~) of the module doc, each (B, H, T, D): the Triton kernel where it runs, else torch."""
         if self.kernels_take(q):
             P, w_std, w_rec, u, w_disc = self.kernel_parameters()
-            q_t, k_t = fold_same_flop(q, k, P, w_std, w_rec, self.std_dim, u, w_disc)
-            return self.attend(q_t, k_t, v)
+            return fold_same_flop(q, k, P, w_std, w_rec, self.std_dim, u, w_disc)
         H, Ds = self.n_head, self.std_dim
         w_std = self.w_std().to(q.dtype).view(1, H, 1, 1)
         w_rec = self.rec_gate().to(q.dtype).view(1, H, 1, 1)
@@ -96,4 +99,8 @@ class RASameFlopAttention(LowRankMixin, RAAttentionBase):
             c, d = self.disc_columns(k)
             q_parts.append(c)
             k_parts.append(d)
-        return self.attend(fold_cat(q_parts), fold_cat(k_parts), v)
+        return fold_cat(q_parts), fold_cat(k_parts)
+
+    def cache_fold(self, q, k):
+        """The decode cache holds k~ (cache.py): the fold is per token."""
+        return self.fold_heads(q, k)

@@ -25,9 +25,9 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from .triton_support import HAVE_TRITON, tl, triton
+from .triton_support import HAVE_TRITON, kernel_op, tl, triton
 
 # Token rows per program; tests lower it to exercise several tiles. Warps: best measured on an H100.
 BLOCK_T = 64
@@ -159,7 +159,7 @@ def _launch_args(q: torch.Tensor, R: int):
     return grid, consts
 
 
-@triton_op("gpt2ra::fold_same_flop", mutates_args=())
+@kernel_op("gpt2ra::fold_same_flop", mutates_args=())
 def fold_same_flop(q: torch.Tensor, k: torch.Tensor, P: torch.Tensor, w_std: torch.Tensor,
                    w_rec: torch.Tensor, std_dim: int, u: Optional[torch.Tensor] = None,
                    w_disc: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +181,7 @@ def fold_same_flop(q: torch.Tensor, k: torch.Tensor, P: torch.Tensor, w_std: tor
     return qt, kt
 
 
-@triton_op("gpt2ra::fold_same_flop_backward", mutates_args=())
+@kernel_op("gpt2ra::fold_same_flop_backward", mutates_args=())
 def _fold_same_flop_backward(gq: torch.Tensor, gk: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              P: torch.Tensor, w_std: torch.Tensor, w_rec: torch.Tensor, std_dim: int,
                              u: Optional[torch.Tensor], w_disc: Optional[torch.Tensor]) -> list[torch.Tensor]:

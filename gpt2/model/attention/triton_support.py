@@ -21,6 +21,15 @@ except ImportError:  # CPU-only installs
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernel_op(name: str, mutates_args=()):
+    """torch.library.triton_op where Triton is installed (torch.compile then sees the kernels); elsewhere a plain
+    custom_op of the same signature: the kernels never run there, and triton_op would log "Triton not available"
+    once per op on every import."""
+    if HAVE_TRITON:
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+    return torch.library.custom_op(name, mutates_args=mutates_args)
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """Whether the Triton kernels can take tensors on t's device."""
     if not HAVE_TRITON:

@@ -93,6 +93,10 @@ class RAUnifiedAttention(RASameFlopAttention):
         """q, k are already q~, k~ (head dim D): one causal SDPA call."""
         return self.attend(q, k, v)
 
+    def cache_fold(self, q, k):
+        """q, k are already q~, k~: the decode cache holds the GEMM's k~ as it comes."""
+        return q, k
+
     # --- optional: compose once per optimizer step ---------------------------------------------
     def hold_composition(self, composed):
         """Use `composed` (W~, b~), as gradient-accumulating leaves, until release_composition()."""
