@@ -1,14 +1,21 @@
-"""File helpers every layer shares (torch-free): run-directory file names and atomic writes.
+"""File helpers every layer shares (torch-free): run-directory file names, atomic writes, file locks.
 
 Every file is written under a temporary sibling name and renamed into place, so a reader (the matrix
 runner, the report, a resumed run) sees either the old file or the complete new one, never a prefix.
 The file gets the permissions a plain open() would give it (0666 less the umask), not mkstemp's 0600.
+
+FileLock is an exclusive flock on a file that names its holder: a run directory, a matrix directory and a
+matrix cell each have one, so two processes never train or write the same thing at once.
 """
 
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,3 +126,106 @@ def read_jsonl(path) -> list:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- locks --------------------------------------------------------------------
+
+class LockHeld(Exception):
+    """Another process holds the lock; the message names it (host, pid, since when) and the lock file."""
+
+
+def holder_id() -> str:
+    """Who this process is, as a lock file records it: host and pid (and the Slurm task, under Slurm)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm:{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}@{socket.gethostname()} pid {os.getpid()}"
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+class FileLock:
+    """An exclusive flock on `path`; the holder's identity is written into the file.
+
+    flock belongs to the open file description, so the kernel releases it when the last descriptor closes,
+    however the holder dies (kill -9 included), and a child that inherits the descriptor holds it too.
+    """
+
+    def __init__(self, path, what):
+        self.path = Path(path)
+        self.what = what  # "run results/x", "matrix results/y": the refusal message starts with it
+        self.fd = None
+        self.borrowed = False  # the descriptor belongs to a parent (adopt): release() must not close it
+
+    def acquire(self, wait_s: float = 0.0) -> "FileLock":
+        """Take the lock, waiting up to wait_s seconds for it (math.inf: as long as it takes); LockHeld if not.
+        Taking it again through the same object is a no-op (so `with lock.acquire():` works)."""
+        if self.fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while not _try_flock(fd, fcntl.LOCK_EX):
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise LockHeld(f"{self.what} is locked by {holder} ({self.path})")
+            time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder_id()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def adopt(self, fd: int) -> bool:
+        """Take over descriptor `fd`, on which a parent process took this lock and passed it down (pass_fds).
+        False when fd is not open on this lock file here; LockHeld when it is, but another process holds the lock."""
+        try:
+            mine, theirs = os.stat(self.path), os.fstat(fd)
+        except OSError:
+            return False
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return False
+        # flock again on the description that already holds the lock succeeds; on any other it fails
+        if not _try_flock(fd, fcntl.LOCK_EX):
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise LockHeld(f"{self.what} is locked by {holder} ({self.path})")
+        self.fd, self.borrowed = fd, True
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None and not self.borrowed:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+        self.fd, self.borrowed = None, False
+
+    def is_held_elsewhere(self) -> bool:
+        """True when some other open file description holds the lock right now.
+
+        Probes with a shared lock and writes nothing, and creates no file: a probe (status, a report) leaves
+        the holder's record alone. It holds the shared lock for an instant, so acquirers wait a little
+        (acquire(wait_s=...)) rather than mistake a probe for a holder.
+        """
+        if self.fd is not None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return not _try_flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _try_flock(fd, kind) -> bool:
+    """flock(fd, kind) without blocking; False when another open file description holds a conflicting lock."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False

@@ -8,6 +8,7 @@
     python -m scripts.matrix status   [--config .config] [--dir DIR]
     python -m scripts.matrix submit   --config .config [--cluster slurm|local] [--partition P]
                                       [--account A] [--timeout-min M] [--array-parallelism K] [--wait]
+    python -m scripts.matrix cell     CELL_ID --config .config [--defconfigs "a b"]
 
 run       plan the matrix (every cell config is validated first), then run the unfinished cells of
           the newest matrix directory of this preset, or of a new results/<preset>-<timestamp>/;
@@ -19,6 +20,9 @@ report    (re)write report.md/json/csv and plots from the cells' files.
 status    one line per cell: state, attempts, failure reason.
 submit    run the cells as one Slurm array job through submitit (one cell per task), sharing the
           same matrix directory and state files; `--cluster local` runs the tasks on this machine.
+          submitit's pickles go into <matrix>/slurm/, which must be private (0700; refused otherwise).
+cell      plan the matrix as `run` would (same defconfigs and GPT2_* budget environment) and train
+          the one cell CELL_ID (e.g. V1-s2) alone in a fresh run directory: `make cell CELL=V1-s2`.
 
 Exit status: 0 every cell done, 1 some cell failed, 2 plan/config/lock error, 3 cells left
 (stopped on failure or running elsewhere), 130 interrupted.
@@ -34,11 +38,12 @@ from lib.matrix import commands
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=".config", help="base configuration (default .config)")
+    planning = argparse.ArgumentParser(add_help=False)
+    planning.add_argument("--config", default=".config", help="base configuration (default .config)")
+    planning.add_argument("--name", help="preset name for the directory (default: the .config's '# preset:' marker)")
+    planning.add_argument("--steps", default=str(STEPS_FILE), help="ablation step definitions (default %(default)s)")
+    common = argparse.ArgumentParser(add_help=False, parents=[planning])
     common.add_argument("--dir", help="matrix directory (default: the newest of this preset)")
-    common.add_argument("--name", help="preset name for the directory (default: the .config's '# preset:' marker)")
-    common.add_argument("--steps", default=str(STEPS_FILE), help="ablation step definitions (default %(default)s)")
     runlike = argparse.ArgumentParser(add_help=False)
     runlike.add_argument("--force", action="store_true", help="continue even though the plan's inputs changed")
     runlike.add_argument("--stop-on-failure", action="store_true", help="start no new cell after a failure")
@@ -65,6 +70,9 @@ def main(argv=None) -> int:
     submit.add_argument("--retry-failed", action="store_true")
     submit.add_argument("--force", action="store_true")
     submit.add_argument("--wait", action="store_true", help="wait for the tasks, then write the report")
+    cell = sub.add_parser("cell", parents=[planning], help="train one planned cell alone, in a fresh directory")
+    cell.add_argument("cell_id", help="the cell's id, as in cells/<id>/ (e.g. V1-s2)")
+    cell.add_argument("--defconfigs", help='defconfigs to compare as whole cells, as the matrix was run with')
     args = parser.parse_args(argv)
     args.defconfigs = getattr(args, "defconfigs", None)
     try:

@@ -1,8 +1,14 @@
-"""The run directory of one training run: creating it, its settings (settings.json) and environment (env.json).
+"""The run directory of one training run: creating it, its lock, its settings (settings.json) and environment
+(env.json).
 
 A run directory describes itself (docs/architecture.md lists its files): the .config snapshot, settings.json
 (the typed settings it trained with), env.json
 (git commit and dirty diff, torch/CUDA/GPU, host, command line), the log, evaluations, metrics, checkpoint.
+
+Only one process trains a run directory at a time: it holds `<run_dir>/.run.lock` (RunLock). A process that
+takes the lock for a child it starts (`make resume`, the torchrun launcher) passes the descriptor down and
+names it in RUN_DIR_LOCK, and the child adopts it instead of locking itself out. A matrix cell's own lock
+(`cells/<id>/.lock`, held by the matrix runner) is a different file, so the two never deadlock.
 """
 
 import dataclasses
@@ -15,11 +21,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gpt2.io import CHECKPOINT_NAME, CONFIG_NAME, ENV_NAME, METRICS_NAME, REPO_ROOT, atomic_write_bytes, \
+from gpt2.io import CHECKPOINT_NAME, CONFIG_NAME, ENV_NAME, METRICS_NAME, REPO_ROOT, FileLock, atomic_write_bytes, \
     atomic_write_json, read_json
 from gpt2.settings import Settings, component_classes
 
 SETTINGS_NAME = "settings.json"  # the resolved typed settings, dataclasses.asdict(Settings)
+RUN_LOCK_NAME = ".run.lock"  # flock of the process training the run (RunLock)
+# "<fd>:<lock path>": the parent holds this run's lock on descriptor <fd>, passed down to this process
+RUN_LOCK_ENV = "RUN_DIR_LOCK"
 
 
 class RunDirError(RuntimeError):
@@ -43,6 +52,66 @@ def prepare_run_dir(run_dir, config_path, resume: bool) -> Path:
     if not (resume and snapshot.exists()):
         atomic_write_bytes(snapshot, Path(config_path).read_bytes())
     return run_dir
+
+
+class RunLock:
+    """`<run_dir>/.run.lock`: held by whichever process trains the run; LockHeld (naming host and pid) otherwise.
+
+        lock = RunLock(run_dir).acquire()     # adopts the descriptor a parent passed down, else locks
+        child_env = {**os.environ, **lock.handoff()}; subprocess.Popen(..., pass_fds=(lock.fd,), env=child_env)
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.file = FileLock(self.run_dir / RUN_LOCK_NAME, f"run {run_dir}")
+
+    @property
+    def fd(self):
+        return self.file.fd
+
+    def handed_down(self) -> bool:
+        """Whether the environment says a parent holds this run's lock (whether or not its descriptor is here)."""
+        _, _, path = os.environ.get(RUN_LOCK_ENV, "").partition(":")
+        return bool(path) and os.path.abspath(path) == os.path.abspath(self.file.path)
+
+    def acquire(self, wait_s: float = 1.0) -> "RunLock":
+        """Adopt the parent's descriptor when one was passed down, else take the lock (waiting up to wait_s, so
+        that a status probe holding it for an instant is not taken for a runner)."""
+        fd_text, _, _ = os.environ.get(RUN_LOCK_ENV, "").partition(":")
+        if not (self.handed_down() and fd_text.isdigit() and self.file.adopt(int(fd_text))):
+            self.file.acquire(wait_s)
+        return self
+
+    def handoff(self) -> dict:
+        """The environment entry that lets a child (started with pass_fds=(self.fd,)) adopt this lock."""
+        return {RUN_LOCK_ENV: f"{self.fd}:{os.path.abspath(self.file.path)}"}
+
+    def release(self) -> None:
+        self.file.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def run_is_live(run_dir) -> bool:
+    """Whether some process holds the run's lock now, i.e. is training it (this process included)."""
+    return FileLock(Path(run_dir) / RUN_LOCK_NAME, f"run {run_dir}").is_held_elsewhere()
+
+
+def mark_abandoned(run_dir, reason: str) -> None:
+    """Record in metrics.json that the run ended without a final record (its process died: kill -9, a crash,
+    a reboot), so no reader takes it for one still running. The caller holds the run's lock."""
+    path = Path(run_dir) / METRICS_NAME
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    record.update(status="failed", failure_reason=reason)
+    atomic_write_json(path, record)
 
 
 def write_settings_json(run_dir, settings) -> None:

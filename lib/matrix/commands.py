@@ -1,4 +1,4 @@
-"""The matrix commands behind `python -m scripts.matrix` (run, continue, check, report, status, submit).
+"""The matrix commands behind `python -m scripts.matrix` (run, continue, check, report, status, submit, cell).
 
 Each takes the parsed arguments and returns the process exit status: 0 every cell done, 1 some cell failed,
 3 cells left (stopped on failure or running elsewhere), 130 interrupted; errors a user can fix raise one
@@ -20,9 +20,11 @@ from lib.matrix import describe as matrix_describe
 from lib.matrix import plan as matrix_plan
 from lib.matrix import scheduler as matrix_run
 from lib.matrix import state as matrix_state
+from lib.runs import single
+from lib.runs.resume import ResumeError
 
 USER_ERRORS = (cfg.ConfigError, matrix_plan.PlanError, matrix_state.PlanChanged, matrix_state.MatrixLocked,
-               matrix_gpus.SchedulerError, FileNotFoundError)
+               matrix_gpus.SchedulerError, FileNotFoundError, ResumeError)
 
 
 def _defconfig_list(text):
@@ -53,8 +55,8 @@ def _builder(args, environ):
 def _rebuild(old, matrix_dir):
     """continue: rebuild a stored plan from its own base config, budget environment and defconfigs,
     with the current Kconfig tree and step definitions, to see whether those changed."""
-    environ = {key.split(" ", 1)[1]: value for key, value in old.fingerprint["base"].items()
-               if key.startswith("environment ")}
+    environ = old.environment or {key.split(" ", 1)[1]: value for key, value in old.fingerprint["base"].items()
+                                  if key.startswith("environment ")}  # a plan from before plan.environment
     defconfigs = list(dict.fromkeys(v.defconfig for v in old.variants if v.defconfig)) or None
     return lambda out_dir: matrix_plan.build_plan(Path(matrix_dir) / "base.config", out_dir, name=old.name,
                                                   steps_file=old.steps_file, defconfigs=defconfigs, environ=environ)
@@ -103,6 +105,8 @@ def cmd_run(args, resume_only=False) -> int:
     matrix_dir, plan, lock = matrix_state.open_matrix(
         results, _builder(args, os.environ) if have_config else None, name=name, directory=directory,
         new=getattr(args, "new", False), force=args.force, rebuild_for=_rebuild if resume_only else None)
+    for note in plan.notes:  # steps a sweep axis does not apply to, cells planned once for two variants
+        print(f"plan: {note}")
     try:
         outcome = matrix_run.run_matrix(matrix_dir, plan, _options(args, plan))
         if not args.no_report:
@@ -170,7 +174,8 @@ def cmd_status(args) -> int:
     print(f"{matrix_dir}: " + ", ".join(f"{n} {s}" for s, n in matrix_state.counts(states).items()))
     for cell in plan.cells:
         st = states[cell.id]
-        print(f"  [{cell.label}] {st.status:<8} attempts {st.attempts}"
+        shown = "stopped" if st.note == matrix_state.GONE_NOTE else st.status
+        print(f"  [{cell.label}] {shown:<8} attempts {st.attempts}"
               + (f"  {st.failure_reason}" if st.failure_reason else "") + (f"  ({st.note})" if st.note else ""))
     return 0
 
@@ -187,9 +192,13 @@ def cmd_submit(args) -> int:
     matrix_dir, plan, lock = matrix_state.open_matrix(
         results, _builder(args, os.environ), name=_preset(args), directory=args.dir, new=args.new, force=args.force)
     lock.release()  # array tasks coordinate through cell locks, not the matrix lock
-    executor = slurm.make_executor(matrix_dir, plan, cluster=args.cluster, partition=args.partition,
-                                   account=args.account, timeout_min=args.timeout_min,
-                                   array_parallelism=args.array_parallelism or plan.parallel_cells or None)
+    try:
+        executor = slurm.make_executor(matrix_dir, plan, cluster=args.cluster, partition=args.partition,
+                                       account=args.account, timeout_min=args.timeout_min,
+                                       array_parallelism=args.array_parallelism or plan.parallel_cells or None)
+    except slurm.UnsafeDirectory as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     jobs = slurm.submit_cells(matrix_dir, plan, executor, retry_failed=args.retry_failed)
     if not jobs:
         print(f"{matrix_dir}: no cell left to run")
@@ -205,3 +214,19 @@ def cmd_submit(args) -> int:
 
 def cmd_continue(args) -> int:
     return cmd_run(args, resume_only=True)
+
+
+def cmd_cell(args) -> int:
+    """`make cell CELL=<id>`: plan the matrix of --config exactly as `run` does (same defconfigs, same GPT2_*
+    budget environment) and train that one cell as a single run in a fresh results/<name>-<id>-<timestamp>/,
+    whose config snapshot is the planned cell.config. Nothing of any matrix directory is read or written."""
+    results = _results_dir(args.config)
+    with tempfile.TemporaryDirectory(prefix="matrix-cell-") as work:
+        plan = _builder(args, os.environ)(Path(work))
+        cell = plan.cell(args.cell_id)
+        run_dir, lock = single.new_run_dir(results, f"{plan.name}-{cell.id}")
+        variant = next(v for v in plan.variants if v.id == cell.variant)
+        print(f"cell {cell.label} of matrix {plan.name} ({variant.description}): training it alone in {run_dir}")
+        # The planned cell.config holds the budget already; the environment's overrides are not applied twice.
+        return single.train_and_report(cell.config_path(work), run_dir, lock, resume=False,
+                                       environ=single.without_overrides(os.environ))

@@ -12,6 +12,12 @@ Resume: done cells are skipped; a cell with a checkpoint is restarted with
 Failures mark the cell failed with a reason and the matrix goes on, unless
 stop_on_failure: then no new cell starts and the running ones finish.
 
+CPU cells (device cpu, or auto without a GPU) never train two at once: they would share the cores, and
+each would record half a machine's tokens/s and get half as far in its time budget. The scheduler starts
+one at a time and holds the matrix's per-host CPU lock while it trains, which a Slurm/local array task
+(run_single_cell) waits for, so `submit --cluster local` runs them one after another too. Only `check`, whose
+2-iteration cells record nothing, runs two at once (cpu_parallel).
+
 Interrupts: Ctrl-C / SIGTERM stops the running cells (SIGTERM to each cell's
 process group, SIGKILL after a grace period) and leaves them pending, so the
 next `continue` resumes them. If the runner itself is killed outright, the
@@ -26,6 +32,7 @@ each time.
 """
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -36,7 +43,7 @@ from lib.matrix.cell import CellProcess
 from lib.matrix.console import Console, Progress, hms
 from lib.matrix.gpus import check_feasible, gpus_needed, parallel_cells, visible_gpus
 from lib.matrix.process import ForkedTrainer, group_alive, process_alive, stop_group
-from lib.matrix.state import CONSOLE_LOG, CellState, MatrixLocked, cell_lock, read_state
+from lib.matrix.state import CONSOLE_LOG, CellState, MatrixLocked, cell_lock, cpu_lock, read_state
 
 
 @dataclasses.dataclass
@@ -44,7 +51,7 @@ class RunOptions:
     stop_on_failure: bool = False
     retry_failed: bool = False
     parallel_cap: int = 0  # MATRIX_PARALLEL; 0 = no cap
-    cpu_parallel: int = 1  # cells at once when no GPU is used (check raises it)
+    cpu_parallel: int = 1  # CPU cells at once: 1 (they would share the cores), except check's tiny cells
     gpu_ids: list | None = None  # None: detect
     train_command: list | None = None  # None: [python, -m, lib.runs.train]
     extra_env: dict = dataclasses.field(default_factory=dict)
@@ -114,20 +121,33 @@ class _Scheduler:
         self.queue = list(todo)
         self.free_gpus = list(gpu_ids)
         self.running = {}  # cell id -> CellProcess
+        self.cpu_locks = {}  # cell id -> the per-host CPU lock its training holds (cpu_parallel 1)
         self.progress = Progress(plan, parallel)
 
     def show_progress(self, force=False) -> None:
         self.console.status(self.progress.text(self.matrix_dir, list(self.running.values())), force=force)
 
-    def start_ready(self) -> None:
-        """Start queued cells, in plan order, while a slot and the first cell's GPUs are free."""
-        while self.queue and len(self.running) < self.parallel and not self.outcome.stopped_on_failure:
-            cell = self.queue[0]
+    def next_ready(self):
+        """(cell, GPUs it needs) of the cell to start now, or None. GPU cells start in plan order, and so do CPU
+        cells; a CPU cell waiting for the CPU does not hold up the GPU cells behind it, nor the other way round."""
+        heads = {}
+        for cell in self.queue:  # the first GPU cell and the first CPU cell
+            heads.setdefault(gpus_needed(cell, self.gpu_ids) > 0, cell)
+        for cell in sorted(heads.values(), key=self.queue.index):
             need = gpus_needed(cell, self.gpu_ids)
-            if need > len(self.free_gpus):
+            if (need and need <= len(self.free_gpus)) or (not need and self.cpu_free(cell)):
+                return cell, need
+        return None
+
+    def start_ready(self) -> None:
+        """Start queued cells while a slot is free and a cell's GPUs (or the CPU) are."""
+        while self.queue and len(self.running) < self.parallel and not self.outcome.stopped_on_failure:
+            ready = self.next_ready()
+            if ready is None:
                 return
+            cell, need = ready
             gpus, self.free_gpus = self.free_gpus[:need], self.free_gpus[need:]
-            self.queue.pop(0)
+            self.queue.remove(cell)
             proc = self.options.cell_process(self.matrix_dir, cell, self.console,
                                              gpus=gpus if self.gpu_ids else None)
             try:
@@ -136,16 +156,36 @@ class _Scheduler:
                 self.console.message(f"[{cell.label}] skipped: {err}")
                 self.outcome.pending.append(cell.label)
                 self.free_gpus += gpus
+                self.release_cpu(cell.id)
                 continue
             self.running[cell.id] = proc
             self.show_progress(force=True)
 
+    def cpu_free(self, cell) -> bool:
+        """Whether a CPU cell may start now: fewer than cpu_parallel CPU cells running, and (for one at a time)
+        the per-host CPU lock taken for it, so a Slurm/local task of this matrix waits meanwhile."""
+        on_cpu = [c for c, p in self.running.items() if not gpus_needed(p.cell, self.gpu_ids)]
+        if len(on_cpu) >= self.options.cpu_parallel:
+            return False
+        if self.options.cpu_parallel == 1:
+            try:
+                self.cpu_locks[cell.id] = cpu_lock(self.matrix_dir).acquire()
+            except MatrixLocked:
+                return False
+        return True
+
+    def release_cpu(self, cell_id) -> None:
+        lock = self.cpu_locks.pop(cell_id, None)
+        if lock is not None:
+            lock.release()
+
     def collect_finished(self) -> None:
-        """Record every cell whose process ended and give its GPUs back."""
+        """Record every cell whose process ended and give its GPUs (or the CPU) back."""
         for cell_id in [cid for cid, p in self.running.items() if p.poll() is not None]:
             proc = self.running.pop(cell_id)
             self.free_gpus += proc.gpus or []
             state = proc.finish()
+            self.release_cpu(cell_id)
             self.progress.durations.append(proc.elapsed_s())
             label = proc.cell.label
             if state.status == "done":
@@ -198,6 +238,8 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
             _stop_cells(list(pool.running.values()), options.grace_s, console)
             outcome.interrupted = True
             outcome.pending += [p.cell.label for p in pool.running.values()]
+        for cell_id in list(pool.cpu_locks):
+            pool.release_cpu(cell_id)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         console.close()
@@ -233,6 +275,28 @@ def run_single_cell(matrix_dir, plan, cell_id, runner="local", options: RunOptio
     if not state.wants_run(options.retry_failed):
         console.message(f"[{cell.label}] already {state.status}; nothing to do")
         return state
+    cpu = None
+    if not gpus_needed(cell, visible_gpus()):  # one CPU cell at a time on this host (see the module's docstring)
+        cpu = cpu_lock(matrix_dir)
+        try:
+            cpu.acquire()
+        except MatrixLocked as err:
+            console.message(f"[{cell.label}] waiting for the CPU: {err}")
+            cpu.acquire(math.inf)
+        state = read_state(matrix_dir, cell.id)  # another process may have run it meanwhile
+        if not state.wants_run(options.retry_failed):
+            cpu.release()
+            console.message(f"[{cell.label}] already {state.status}; nothing to do")
+            return state
+    try:
+        state = _run_in_foreground(matrix_dir, cell, runner, options, console)
+    finally:
+        if cpu is not None:
+            cpu.release()
+    return state
+
+
+def _run_in_foreground(matrix_dir, cell, runner, options, console) -> CellState:
     proc = options.cell_process(matrix_dir, cell, console, runner=runner)
     try:
         proc.start()

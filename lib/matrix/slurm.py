@@ -19,25 +19,72 @@ Checkpointable) and the new attempt resumes from the cell's last checkpoint.
 submitit keeps its own logs and pickles under <matrix_dir>/slurm/; each cell's
 output is also in cells/<id>/console.log. `--cluster local` runs the same tasks
 as local processes (submitit's LocalExecutor), which is how the tests exercise
-this path.
+this path; its tasks all start at once, and CPU cells then take turns on the
+matrix's per-host CPU lock (lib/matrix/scheduler.py), so each task's time limit
+covers the cells before it.
+
+The pickles are a trust boundary: a task unpickles `*_submitted.pkl` and runs the
+function in it, and `wait` unpickles each task's result. Whoever can write into
+slurm/ can run code as the submitting user. So slurm/ is created private (0700),
+and a slurm/ (or a matrix directory) that is group- or world-writable, is not a
+plain directory, or belongs to another user is refused before anything is written
+to or read from it.
 """
 
 import dataclasses
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import submitit
 
 from gpt2.io import REPO_ROOT
+from lib.matrix.gpus import gpus_needed, visible_gpus
 from lib.matrix.plan import load_plan
 from lib.matrix.scheduler import RunOptions, run_single_cell
 from lib.matrix.state import CellState, read_state, write_state
 
+SLURM_DIR = "slurm"
 
 
 class SlurmUnavailable(Exception):
     """submitit found no cluster to submit to."""
+
+
+class UnsafeDirectory(Exception):
+    """A directory that would hold submitit's pickles is writable or owned by someone else; the message says how
+    to fix it."""
+
+
+def _check_private(path: Path) -> None:
+    """Refuse `path` unless it is a real directory of ours that no group or other user can write into."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDirectory(f"{path} is not a directory (a symlink or a file); submitit's job pickles run as "
+                              f"code, so they go only into a private directory of yours: remove it")
+    if info.st_uid != os.getuid():
+        raise UnsafeDirectory(f"{path} belongs to uid {info.st_uid}, not you (uid {os.getuid()}): its owner could "
+                              f"replace a job pickle, which runs as code; use a matrix directory of your own (--new)")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeDirectory(f"{path} is group- or world-writable (mode {stat.S_IMODE(info.st_mode):04o}): anyone "
+                              f"who can write there could replace a job pickle, which runs as code; "
+                              f"`chmod go-w {path}` (and check what is in it) before submitting")
+
+
+def private_slurm_dir(matrix_dir) -> Path:
+    """<matrix_dir>/slurm, created 0700 (whatever the umask) or checked, with its matrix directory, as private."""
+    matrix_dir = Path(matrix_dir)
+    _check_private(matrix_dir)
+    folder = matrix_dir / SLURM_DIR
+    try:
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask; this is not
+    except FileExistsError:
+        pass
+    _check_private(folder)
+    return folder
 
 
 class CellTask(submitit.helpers.Checkpointable):
@@ -80,7 +127,10 @@ def make_executor(matrix_dir, plan, cluster="slurm", partition=None, account=Non
     """
     gpus = max((cell.num_gpus for cell in plan.cells if cell.device != "cpu"), default=0)
     require(cluster)
-    executor = submitit.AutoExecutor(folder=Path(matrix_dir) / "slurm" / "%j", cluster=cluster)
+    if not timeout_min and cluster == "local" and not any(gpus_needed(c, visible_gpus()) for c in plan.cells):
+        # local CPU tasks start together and train one after another: the last waits for all the others
+        timeout_min = _timeout_min(plan) * len(plan.cells)
+    executor = submitit.AutoExecutor(folder=private_slurm_dir(matrix_dir) / "%j", cluster=cluster)
     # The pickled task imports lib.*: make the repository importable wherever the task starts.
     setup = [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"]
     params = {"name": f"matrix-{plan.name}", "timeout_min": timeout_min or _timeout_min(plan),

@@ -9,23 +9,29 @@
         state.json            pending | running | done | failed, attempts, exit code, reason
         console.log           everything the cell printed, every attempt
         .lock                 held by whichever process runs the cell right now
+        .run.lock             held by the training process itself (gpt2.train.run_dir.RunLock)
+      .cpu-<host>.lock        held while a CPU cell trains on <host> (one at a time)
       report.md ...           lib.report.writer
+    results/.matrix-dirs.lock held while a runner chooses or creates its matrix directory
 
 Every state write is atomic (temp file + rename), so a runner killed at any
 moment leaves either the old or the new state. A cell left "running" by a dead
-runner has a free cell lock; the next runner resumes it.
+runner has a free cell lock; readers show it as pending ("process gone without
+a final record", observed_state) and the next runner resumes it.
 
-Two kinds of lock, both fcntl.flock (released by the kernel when the holder
-dies, however it dies):
+The locks are all fcntl.flock (gpt2.io.FileLock; released by the kernel when the
+holder dies, however it dies):
+  * the results directory's lock makes "find the newest matrix directory, else
+    create one" atomic, so two runners started together share one directory;
   * the matrix lock keeps two local runners off one directory;
   * a cell lock is held by the process that trains the cell (the runner passes
     its descriptor to the child), so a cell is never trained twice at once, even
-    when local runners and Slurm array tasks share the directory.
+    when local runners and Slurm array tasks share the directory;
+  * the run lock (a separate file) keeps anything else, e.g. `make resume
+    RUN=cells/<id>`, off a cell's run directory while it trains.
 """
 
 import dataclasses
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -36,16 +42,13 @@ from pathlib import Path
 
 from lib.matrix.describe import describe_changes
 from lib.matrix.plan import CELLS_DIR, PLAN_FILE, load_plan, save_plan
-from gpt2.io import atomic_write_json
+from gpt2.io import FileLock, LockHeld, atomic_write_json
+from gpt2.train.run_dir import run_is_live
 
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 CONSOLE_LOG = "console.log"
 STATUSES = ("pending", "running", "done", "failed")
-
-
-class MatrixLocked(Exception):
-    """Another process holds the lock; the message says who."""
 
 
 @dataclasses.dataclass
@@ -88,8 +91,23 @@ def write_state(matrix_dir, cell_id, state: CellState) -> None:
     atomic_write_json(state_path(matrix_dir, cell_id), dataclasses.asdict(state))
 
 
+GONE_NOTE = "process gone without a final record; `make continue` resumes it"
+
+
+def observed_state(matrix_dir, cell_id) -> CellState:
+    """The cell's state as a reader should take it: a cell recorded "running" whose lock nobody holds (and whose
+    run directory nobody trains) lost its process without a final record (kill -9, a crash, a reboot); it is
+    pending, with a note saying so. state.json is left as it is: the next runner rewrites it."""
+    state = read_state(matrix_dir, cell_id)
+    if state.status == "running" and not cell_lock(matrix_dir, cell_id).is_held_elsewhere() \
+            and not run_is_live(Path(matrix_dir) / CELLS_DIR / cell_id):
+        state = dataclasses.replace(state, status="pending", note=GONE_NOTE)
+    return state
+
+
 def read_states(matrix_dir, plan) -> dict:
-    return {cell.id: read_state(matrix_dir, cell.id) for cell in plan.cells}
+    """Every cell's observed_state: what `status`, the summary line and reports show."""
+    return {cell.id: observed_state(matrix_dir, cell.id) for cell in plan.cells}
 
 
 def counts(states: dict) -> dict:
@@ -101,64 +119,11 @@ def counts(states: dict) -> dict:
 
 # ---- locks -------------------------------------------------------------------
 
-class FileLock:
-    """An exclusive, non-blocking flock on `path`; the holder's identity is written into the file."""
-
-    def __init__(self, path, what):
-        self.path = Path(path)
-        self.what = what
-        self.fd = None
-
-    def acquire(self, wait_s: float = 0.0) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                    os.close(fd)
-                    raise MatrixLocked(f"{self.what} is locked by {holder} ({self.path})") from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder_id()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor releases the flock
-            self.fd = None
-
-    def is_held_elsewhere(self) -> bool:
-        """True when some other open file description holds the lock right now."""
-        if self.fd is not None:
-            return False
-        try:
-            self.acquire()
-        except MatrixLocked:
-            return True
-        self.release()
-        return False
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def holder_id() -> str:
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        return f"slurm:{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}@{socket.gethostname()} pid {os.getpid()}"
-    return f"{socket.gethostname()} pid {os.getpid()}"
+# FileLock lives in gpt2.io (a run directory's lock uses it too); a matrix lock refusal is a LockHeld.
+MatrixLocked = LockHeld
+CHOOSE_LOCK_FILE = ".matrix-dirs.lock"  # in the results directory: choosing or creating a matrix directory
+CHOOSE_WAIT_S = 600.0  # another runner plans for seconds (minutes for a huge matrix) while holding it
+LOCK_GRACE_S = 1.0  # how long a runner waits for a lock that a status probe holds for an instant
 
 
 def matrix_lock(matrix_dir) -> FileLock:
@@ -167,6 +132,12 @@ def matrix_lock(matrix_dir) -> FileLock:
 
 def cell_lock(matrix_dir, cell_id) -> FileLock:
     return FileLock(Path(matrix_dir) / CELLS_DIR / cell_id / LOCK_FILE, f"cell {cell_id}")
+
+
+def cpu_lock(matrix_dir) -> FileLock:
+    """Held while a CPU cell trains on this host: CPU cells share the cores, so two at once would each measure
+    half a machine (tokens/s, and how far a time budget gets). Per host: cells on other nodes do not compete."""
+    return FileLock(Path(matrix_dir) / f".cpu-{socket.gethostname()}.lock", f"the CPU of {socket.gethostname()}")
 
 
 # ---- matrix directories --------------------------------------------------------
@@ -245,9 +216,21 @@ def open_matrix(results_dir, build, *, name, directory=None, new=False, force=Fa
     rebuild_for(old_plan, matrix_dir) -> build function (continue): compare against a plan
     rebuilt from the directory's own stored inputs instead of `build`.
     """
+    # Two runners started together must not both find no directory and each create one: choosing (or creating)
+    # the directory happens under a lock in the results directory; the second then finds the first's directory
+    # and its matrix lock.
+    choosing = FileLock(Path(results_dir) / CHOOSE_LOCK_FILE, f"choosing a matrix directory in {results_dir}")
+    choosing.acquire(CHOOSE_WAIT_S)
+    try:
+        return _open_matrix(results_dir, build, name, directory, new, force, rebuild_for)
+    finally:
+        choosing.release()
+
+
+def _open_matrix(results_dir, build, name, directory, new, force, rebuild_for) -> tuple:
     matrix_dir = Path(directory) if directory else (None if new else latest_matrix_dir(results_dir, name))
     if matrix_dir is not None:
-        lock = matrix_lock(matrix_dir).acquire()
+        lock = matrix_lock(matrix_dir).acquire(LOCK_GRACE_S)
         try:
             old = load_plan(matrix_dir)
             staging, plan = _stage_plan(results_dir, rebuild_for(old, matrix_dir) if rebuild_for else build)
