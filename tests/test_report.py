@@ -29,29 +29,46 @@ ENV = {"host": "node1", "cpu_count": 16, "torch": "2.11.0", "cuda": "13.0",
        "git": {"commit": "0123456789abcdef", "dirty": False}}
 
 
-def curve(final, slow):
-    """(train_time_s, tokens, val_loss) at three evaluations; a slow step covers less time per token."""
+GPU = "NVIDIA H100 80GB HBM3"
+IDLE = {"cpus": 16, "load_avg_max": 1.2, "load_avg_mean": 0.8, "gpu_other_processes": 0, "busy": False,
+        "busy_reason": None}
+
+
+def curve(final, slow, best=None):
+    """(train_time_s, tokens, val_loss) at three evaluations; a slow step covers less time per token. With
+    `best`, the middle evaluation is the lowest: the run ended past its validation minimum."""
     times = [10.0, 40.0, 80.0] if slow else [10.0, 50.0, 100.0]
     tokens = [800, 3200, 6400] if slow else [1000, 5000, 10000]
-    return list(zip(times, tokens, [final + 1.0, final + 0.5, final]))
+    return list(zip(times, tokens, [final + 1.0, final + 0.5 if best is None else best, final]))
 
 
-def write_run(run_dir, config_path, final, slow=False, gates=None):
+def write_run(run_dir, config_path, final, slow=False, gates=None, best=None, tokens_per_s=None, params=124_000_000,
+              epochs=12.0, device=GPU, machine=IDLE, env=None, legacy=False):
+    """The files a finished run writes. legacy: metrics.json as runs wrote it before best_val_iter,
+    past_val_minimum and machine were recorded."""
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config_path, run_dir / "config")
-    points = curve(final, slow)
+    points = curve(final, slow, best)
     with open(run_dir / "eval.jsonl", "w") as f:
         for i, (t, tok, loss) in enumerate(points, start=1):
             f.write(json.dumps({"iter": 100 * i, "tokens": tok, "train_time_s": t, "wall_time_s": t + 5,
                                 "train_loss": loss + 0.02, "val_loss": loss, "val_ppl": math.exp(loss),
                                 "lr": 1e-4}) + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps({
-        "status": "done", "failure_reason": None, "iters": 300, "tokens_seen": points[-1][1],
-        "tokens_per_s": points[-1][1] / points[-1][0], "ms_per_step": 10.0, "mfu": 0.4, "params": 124_000_000,
-        "final_val_loss": final, "best_val_loss": final, "final_val_ppl": math.exp(final), "unigram_entropy": 7.5,
-        "peak_mem_bytes": 2 * 2**30, "train_time_s": points[-1][0], "eval_time_s": 3.0, "compile_time_s": 20.0,
-        "gates": gates or []}))
-    (run_dir / "env.json").write_text(json.dumps(ENV))
+    low = min(range(3), key=lambda i: points[i][2])
+    metrics = {
+        "status": "done", "failure_reason": None, "iters": 300, "tokens_seen": points[-1][1], "epochs": epochs,
+        "tokens_per_s": tokens_per_s or points[-1][1] / points[-1][0], "ms_per_step": 10.0, "mfu": 0.4,
+        "params": params, "flops_per_token": 6.0 * params + 12 * 2 * 4 * 16 * 32, "device": device,
+        "final_val_loss": final, "best_val_loss": points[low][2], "final_val_ppl": math.exp(final),
+        "unigram_entropy": 7.5, "peak_mem_bytes": 2 * 2**30, "train_time_s": points[-1][0], "eval_time_s": 3.0,
+        "compile_time_s": 20.0, "gates": gates or []}
+    if not legacy:
+        metrics.update({"best_val_iter": 100 * (low + 1), "best_val_tokens": points[low][1], "machine": machine,
+                        "past_val_minimum": None if low == 2 else {"by": final - points[low][2],
+                                                                   "tokens_after": points[2][1] - points[low][1],
+                                                                   "iters_after": 100 * (2 - low)}})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "env.json").write_text(json.dumps(env or ENV))
 
 
 H1_GATES = [{"layer": 0, "w_std": [1.0, 0.9], "w_rec": [0.05, 0.5]},
@@ -62,8 +79,10 @@ V1_GATES = [{"layer": 0, "w_std": [1.0, 1.0], "w_rec": [0.5, 0.6]},
 
 @pytest.fixture
 def synthetic_matrix(make_config, tmp_path):
-    def build(seeds="1,2,3", failed=()):
-        config = make_config({"MATRIX": "y", "MATRIX_STEPS": "V0,V1,H1", "MATRIX_SEEDS": seeds})
+    """build(seeds, failed, customise, overrides) -> matrix directory of V0, V1, H1 with the runs written.
+    customise(cell, final) -> write_run keyword arguments for that cell (e.g. a different final loss)."""
+    def build(seeds="1,2,3", failed=(), customise=None, overrides=None):
+        config = make_config({"MATRIX": "y", "MATRIX_STEPS": "V0,V1,H1", "MATRIX_SEEDS": seeds, **(overrides or {})})
         matrix_dir = tmp_path / "matrix"
         plan = build_plan(config, matrix_dir)
         save_plan(plan, matrix_dir)
@@ -73,8 +92,10 @@ def synthetic_matrix(make_config, tmp_path):
                                                            failure_reason="non-finite training loss (nan) at iter 7"))
                 continue
             final = V0_FINAL[cell.seed] + {"V0": 0.0, "V1": V1_SHIFT[cell.seed], "H1": H1_SHIFT[cell.seed]}[cell.step]
-            write_run(cell.run_dir(matrix_dir), cell.config_path(matrix_dir), final, slow=cell.step == "V1",
-                      gates={"V0": None, "V1": V1_GATES, "H1": H1_GATES}[cell.step])
+            kwargs = {"final": final, "slow": cell.step == "V1",
+                      "gates": {"V0": None, "V1": V1_GATES, "H1": H1_GATES}[cell.step]}
+            kwargs.update(customise(cell, final) if customise else {})
+            write_run(cell.run_dir(matrix_dir), cell.config_path(matrix_dir), **kwargs)
             write_state(matrix_dir, cell.id, CellState(status="done", attempts=1, exit_code=0))
         return matrix_dir
     return build
@@ -114,12 +135,22 @@ def test_matrix_report_numbers_verdicts_and_sections(synthetic_matrix):
     assert time["ci95_half_width"] == pytest.approx(4.303 * diffs.std(ddof=1) / math.sqrt(3), rel=1e-3)
     final = data["comparisons"]["V1"]["final"]
     assert final["mean"] == pytest.approx(-0.1) and final["ci95_half_width"] < 0.01
+    # The verdicts' one measure: best val loss paired by seed (every run here ends at its minimum).
+    best = data["comparisons"]["V1"]["best"]
+    shifts = np.array(list(V1_SHIFT.values()))
+    assert best["mean"] == pytest.approx(shifts.mean())
+    assert best["ci95_half_width"] == pytest.approx(4.303 * shifts.std(ddof=1) / math.sqrt(3), rel=1e-3)
+    assert data["verdict_measure"] == "best val loss" and data["resolution"]["V1"] == best["ci95_half_width"]
 
     verdicts = data["verdicts"]
-    assert verdicts["V0"].startswith("baseline")
-    assert verdicts["V1"].startswith("better than V0 by") and "at matched time" in verdicts["V1"]
-    assert "n=3" in verdicts["V1"]
-    assert verdicts["H1"].startswith("within noise") and "includes 0" in verdicts["H1"]
+    assert verdicts["V0"] == "baseline (3 of 3 cells finished)"
+    assert verdicts["V1"] == (f"better than V0 by 0.1000 ± {best['ci95_half_width']:.4f} best val loss "
+                              f"(95% CI, 3 paired seeds)")
+    h1 = data["comparisons"]["H1"]["best"]
+    assert verdicts["H1"] == (f"within noise: Δ best val loss {h1['mean']:+.4f} ± {h1['ci95_half_width']:.4f} "
+                              f"(95% CI, 3 paired seeds) includes 0; these seeds cannot detect a difference under "
+                              f"{h1['ci95_half_width']:.4f}")
+    assert "matched" not in verdicts["V1"]  # one measure, not matched time for one step and final loss for another
 
     # Gates: H1 routes heads with |w_rec| < 0.1 (its threshold); V1 has head selection off.
     gates = {(g["variant"], g["layer"]): g for g in data["gates"]}
@@ -130,9 +161,12 @@ def test_matrix_report_numbers_verdicts_and_sections(synthetic_matrix):
 
     for section in ("# Matrix report", "**Compared**: 3 steps × 3 seed(s)", "**Hardware**: 1× NVIDIA H100 80GB HBM3",
                     "**Git commit**: 0123456789ab", "**Budget**", "**Seeds**: 1, 2, 3", "## Verdicts",
-                    "## Results per step", "## Matched comparisons", "## Learned gates", "## Plots", "## Cells",
+                    "- **Verdict measure**: best validation loss (the lowest of each cell's evaluations), paired by "
+                    "seed with V0", "## What this comparison can support", "## Results per step",
+                    "## Matched comparisons", "## Learned gates", "## Plots", "## Cells", "## Reproduce",
                     "val loss @ 80 s", "val loss @ 6.4k tok", "124M", "2.00 GiB", "ATTN_RA_RANK=4"):
         assert section in text, section
+    assert text.index("## Verdicts") < text.index("## What this comparison can support") < text.index("## Results")
     for name in ("val_loss_vs_time.png", "val_loss_vs_tokens.png", "throughput.png", "gates.png"):
         assert f"]({name})" in text and (matrix_dir / name).stat().st_size > 1000
     csv = (matrix_dir / "report.csv").read_text().splitlines()
@@ -145,7 +179,9 @@ def test_single_seed_and_failed_cells_are_said_plainly(synthetic_matrix):
     report.write_matrix_report(matrix_dir)
     text = (matrix_dir / "report.md").read_text()
     data = json.loads((matrix_dir / "report.json").read_text())
-    assert data["verdicts"]["V1"].startswith("single seed: no confidence interval")
+    assert data["verdicts"]["V1"] == "1 seed: no interval, no verdict (Δ best val loss -0.1010)"
+    assert "- **Resolution**: 1 seed: no interval, no verdict" in text
+    assert "no step has two finished seeds on one device, so tokens/s noise across seeds is not measured" in text
     assert data["verdicts"]["H1"] == "no finished cell: nothing to compare"
     assert "**Failed cells**" in text and "`H1/s1`: non-finite training loss (nan) at iter 7" in text
     assert "2 done, 1 failed" in text

@@ -6,6 +6,9 @@ pairs for the markdown links.
 
 from pathlib import Path
 
+MEASURE = "best_val_loss"  # the verdict measure, plotted against each swept value
+SWEEP_PNG, SWEEP_TITLE = "sweep.png", "best val loss vs swept value"
+
 
 def _pyplot():
     import matplotlib
@@ -78,7 +81,10 @@ def _gate_figure(plt, gates, colours=None):
     return fig
 
 
-def matrix_plots(matrix_dir, records, steps, gates, variants, matched_time, matched_tokens) -> list:
+def matrix_plots(matrix_dir, records, steps, gates, variants, matched_time, matched_tokens, sweep=None,
+                 sweep_axes=()) -> list:
+    """The matrix report's PNGs; sweep (lib.report.sweep.sweep_table) and its axes [(symbol, values)] add
+    sweep.png."""
     plt = _pyplot()
     matrix_dir = Path(matrix_dir)
     ids = [v.id for v in variants]
@@ -101,7 +107,49 @@ def matrix_plots(matrix_dir, records, steps, gates, variants, matched_time, matc
     plots.append(("throughput per step", _save(fig, matrix_dir, "throughput.png")))
     if not gates.empty:
         plots.append(("gate values per layer", _save(_gate_figure(plt, gates, colours), matrix_dir, "gates.png")))
+    if sweep is not None and not sweep.empty:
+        plots.append((SWEEP_TITLE, _save(sweep_figure(sweep, sweep_axes), matrix_dir, SWEEP_PNG)))
     return plots
+
+
+def _value_positions(values) -> tuple:
+    """(x position of each swept value, log scale?): numbers where every value is one, else 0, 1, 2, ...;
+    log scale when the positive values span a factor of 10 or more (learning rates)."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return {v: i for i, v in enumerate(values)}, False
+    log = min(numbers) > 0 and max(numbers) >= 10 * min(numbers)
+    return dict(zip(values, numbers)), log
+
+
+def sweep_figure(sweep, axes):
+    """Best val loss (mean ± 95% CI over seeds) against each swept value: one panel per axis, one line per step
+    and value of the other axes; a step the axis does not apply to is a dashed line at its one value."""
+    plt = _pyplot()
+    fig, panels = plt.subplots(1, len(axes), figsize=(6 * len(axes), 4.2), squeeze=False)
+    colours = _colours(plt, list(dict.fromkeys(sweep["step"])))
+    for panel, (axis, values) in zip(panels[0], axes):
+        x_of, log = _value_positions(values)
+        others = [a for a, _ in axes if a != axis]
+        for (step, *rest), rows in sweep.groupby(["step", *others], sort=False):
+            label = " ".join([step, *(f"{a}={v}" for a, v in zip(others, rest) if v)])
+            rows = rows[rows[MEASURE].notna()]
+            swept = rows[rows[axis] != ""]
+            if len(swept):
+                panel.errorbar([x_of[v] for v in swept[axis]], swept[MEASURE], yerr=swept[MEASURE + "_ci95"].fillna(0),
+                               marker="o", capsize=3, label=label, color=colours[step])
+            for mean in rows[rows[axis] == ""][MEASURE]:
+                panel.axhline(mean, linestyle="--", linewidth=1, color=colours[step], label=f"{label} (not swept)")
+        if log:
+            panel.set_xscale("log")
+        panel.set_xticks([x_of[v] for v in values], list(values))
+        panel.set_xlabel(axis)
+        panel.set_ylabel("best val loss (mean ± 95% CI)")
+        panel.grid(alpha=0.3)
+        if panel.get_legend_handles_labels()[0]:
+            panel.legend(fontsize=8)
+    return fig
 
 
 def run_plots(run_dir, record, gates) -> list:

@@ -95,6 +95,16 @@ def paired_difference(values: dict, baseline: dict):
     return PairedDiff(n, mean, t_quantile(0.975, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n))
 
 
+def mean_interval(values) -> tuple:
+    """(n, mean, 95% CI half-width t(0.975, n-1)·sd/√n of the mean, or None with one value) of the finite values;
+    (0, NaN, None) without any."""
+    values = [float(v) for v in values if np.isfinite(v)]
+    if not values:
+        return 0, float("nan"), None
+    n, mean = len(values), float(np.mean(values))
+    return n, mean, (t_quantile(0.975, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else None)
+
+
 def value_at(evals: pd.DataFrame, x_column: str, x: float, y_column="val_loss") -> float:
     """y interpolated linearly at x between evaluations; NaN outside the evaluated range."""
     points = evals[[x_column, y_column]].dropna().sort_values(x_column)

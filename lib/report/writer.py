@@ -1,8 +1,12 @@
 """Reports: run directories -> pandas tables -> report.md + PNG plots + report.json/csv.
 
     lib.report.data      run files -> RunRecords -> tables (per cell, per step, per gate layer)
+    lib.report.evaluation eval.json -> HellaSwag columns, and which cells compare on it
+    lib.report.sweep     the sweep section: best val loss against each swept value
     lib.report.stats     paired differences with 95% CIs, interpolation at matched time/tokens
-    lib.report.markdown  tables -> verdicts and report.md
+    lib.report.verdicts  tables -> verdicts on best val loss, and what the comparison can support
+    lib.report.reproduce run files -> the command line that trains each run again
+    lib.report.markdown  tables, verdicts, commands -> report.md
     lib.report.plots     tables -> PNGs
 
 This module only wires them together and writes the files. Built only from what
@@ -17,7 +21,12 @@ from lib.report import plots as report_plots
 from lib.matrix.plan import PLAN_FILE
 from lib.report.data import gate_table, load_matrix, load_run, matrix_tables, records_json
 from lib.report.markdown import (CELLS_CSV, REPORT_CSV, REPORT_JSON, REPORT_MD, describe_budget, describe_git,
-                                 describe_hardware, matrix_markdown, run_markdown, step_verdicts)
+                                 describe_hardware, matrix_markdown, run_markdown)
+from lib.report.evaluation import hellaswag_json
+from lib.report.reproduce import matrix_commands, run_command
+from lib.report.sweep import sweep_json, sweep_lines, sweep_table
+from lib.report.verdicts import (VERDICT_MEASURE, max_epochs, resolution, step_verdicts, study_kind,
+                                 throughput_flags)
 from gpt2.io import CONFIG_NAME, EVAL_NAME, METRICS_NAME, atomic_write_json, atomic_write_text
 
 
@@ -28,21 +37,28 @@ def write_matrix_report(matrix_dir) -> Path:
     tables = matrix_tables(plan, records)
     baseline = plan.baseline.id
     verdicts = step_verdicts(tables, baseline)
+    sweep = sweep_table(plan, tables.cells)
     plots = report_plots.matrix_plots(matrix_dir, records, tables.steps, tables.gates, plan.variants,
-                                      tables.matched_time, tables.matched_tokens)
+                                      tables.matched_time, tables.matched_tokens, sweep, plan.sweep)
     settings_errors = {r.label: r.settings_error for r in records if r.settings_error}
-    markdown = matrix_markdown(matrix_dir, plan, records, tables, verdicts, plots)
+    commands = matrix_commands(matrix_dir, records)
+    markdown = matrix_markdown(matrix_dir, plan, records, tables, verdicts, plots, commands,
+                               sweep_lines(plan, sweep, report_plots.SWEEP_PNG if not sweep.empty else ""))
     atomic_write_text(matrix_dir / REPORT_MD, _with_settings_errors(markdown, settings_errors))
     tables.steps.assign(verdict=tables.steps.variant.map(verdicts)).to_csv(matrix_dir / REPORT_CSV, index=False)
     tables.cells.to_csv(matrix_dir / CELLS_CSV, index=False)
     atomic_write_json(matrix_dir / REPORT_JSON, {
         "matrix": plan.name, "baseline": baseline, "plan_hash": plan.hash, "seeds": plan.seeds,
+        "study": study_kind(records, max_epochs(tables.cells)), "verdict_measure": VERDICT_MEASURE,
+        "resolution": resolution(tables.diffs), "throughput_flags": throughput_flags(tables.cells, tables.steps),
         "budget": describe_budget(records), "hardware": describe_hardware(records), "git": describe_git(records),
         "matched": {"train_time_s": tables.matched_time, "tokens": tables.matched_tokens},
         "steps": records_json(tables.steps),
         "comparisons": {v: {k: d.to_dict() if d else None for k, d in ds.items()} for v, ds in tables.diffs.items()},
         "verdicts": verdicts, "gates": records_json(tables.gates), "cells": records_json(tables.cells),
-        "plots": [name for _, name in plots], "settings_errors": settings_errors})
+        "sweep": sweep_json(plan, sweep), "hellaswag": hellaswag_json(tables.cells),
+        "plots": [name for _, name in plots], "settings_errors": settings_errors,
+        "reproduce": {label: {"command": c, "warning": w} for label, (c, w) in commands.items()}})
     return matrix_dir / REPORT_MD
 
 
@@ -53,14 +69,17 @@ def write_run_report(run_dir) -> Path:
     gates = gate_table([dataclasses.replace(record, status="done")] if record.metrics.get("gates") else [])
     plots = report_plots.run_plots(run_dir, record, gates)
     preset = kcfg.preset_of(run_dir / CONFIG_NAME) if (run_dir / CONFIG_NAME).exists() else ""
-    markdown = run_markdown(run_dir, record, preset, gates, plots)
+    command = run_command(run_dir, record)
+    markdown = run_markdown(run_dir, record, preset, gates, plots, command)
     atomic_write_text(run_dir / REPORT_MD, _with_settings_errors(markdown, {run_dir.name: record.settings_error}
                                                                  if record.settings_error else {}))
     atomic_write_json(run_dir / REPORT_JSON, {"run": run_dir.name, "status": record.status,
                                               "failure_reason": record.failure_reason,
+                                              "evaluation": record.evaluation,
                                               "settings_error": record.settings_error, "metrics": record.metrics,
                                               "evals": records_json(record.evals), "gates": records_json(gates),
-                                              "plots": [n for _, n in plots]})
+                                              "plots": [n for _, n in plots],
+                                              "reproduce": {"command": command[0], "warning": command[1]}})
     return run_dir / REPORT_MD
 
 
