@@ -62,6 +62,7 @@ class DataSettings:
     tokenizer: str = _sym("TOKENIZER", "choice", "gpt2")  # gpt2 | char
     data_dir: str = _sym("DATA_DIR", "str", "data")
     token_cap: int = _sym("DATA_TOKEN_CAP", "int", 0)  # streamed sets only; 0 for local sets
+    prep_workers: int = _sym("DATA_PREP_WORKERS", "int", 0)  # streamed sets' tokenizer processes; 0 = all cores
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class TrainSettings:
     eval_batches: int = _sym("TRAIN_EVAL_BATCHES", "int", 20)
     log_interval: int = _sym("TRAIN_LOG_INTERVAL", "int", 10)
     checkpoint_interval: int = _sym("TRAIN_CHECKPOINT_INTERVAL", "int", 1000)
+    keep_best_checkpoint: bool = _sym("TRAIN_KEEP_BEST_CHECKPOINT", "bool", True)  # ckpt-best.pt
     num_gpus: int = _sym("TRAIN_NUM_GPUS", "int", 1)
     inject_nan_at_iter: int = _sym("DEBUG_INJECT_NAN_AT_ITER", "int", 0)  # test-only; 0 = off
 
@@ -151,6 +153,7 @@ class MatrixSettings:
     steps: tuple = _sym("MATRIX_STEPS", "list", ())  # ids from lib/config/ablation_steps.yaml
     seeds: tuple = _sym("MATRIX_SEEDS", "list", ())
     defconfigs: tuple = _sym("MATRIX_DEFCONFIGS", "list", ())
+    sweep: str = _sym("MATRIX_SWEEP", "str", "")  # "SYMBOL=v1,v2;SYMBOL2=..." (lib/matrix/sweep.py parses it)
     parallel_cells: int = _sym("MATRIX_PARALLEL", "int", 0)  # 0 = one cell per free GPU group
     stop_on_failure: bool = _sym("MATRIX_STOP_ON_FAILURE", "bool", False)
 
@@ -159,6 +162,25 @@ class MatrixSettings:
 class TrackingSettings:
     backend: str = _sym("TRACKING", "choice", "none")  # none | tensorboard | trackio | wandb
     project: str = _sym("TRACKING_PROJECT", "str", "")
+    offline: bool = _sym("TRACKING_OFFLINE", "bool", False)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    after_train: bool = _sym("EVAL_AFTER_TRAIN", "bool", False)  # lib/evaluate.evaluate_run when a run ends
+    hellaswag_limit: int = _sym("EVAL_HELLASWAG_LIMIT", "int", 0)  # first N items; 0 = all 10,042
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """`make sample` (lib/runs/sample.py): what to generate from a run's checkpoint."""
+    prompt: str = _sym("SAMPLE_PROMPT", "str", "")  # "": the end-of-text token (or a newline for char vocabularies)
+    num_samples: int = _sym("SAMPLE_NUM_SAMPLES", "int", 2)
+    max_new_tokens: int = _sym("SAMPLE_MAX_NEW_TOKENS", "int", 256)
+    temperature: float = _sym("SAMPLE_TEMPERATURE", "float", 0.8, min=0.0, max=100.0)  # 0 = greedy
+    top_k: int = _sym("SAMPLE_TOP_K", "int", 200)  # 0 = the whole vocabulary
+    seed: int = _sym("SAMPLE_SEED", "int", 1)
+    checkpoint: str = _sym("SAMPLE_CHECKPOINT", "choice", "best")  # best | last (gpt2.train.trained)
 
 
 @dataclass(frozen=True)
@@ -173,6 +195,8 @@ class Settings:
     kv_pruning: KVPruningSettings = field(default_factory=KVPruningSettings)
     matrix: MatrixSettings = field(default_factory=MatrixSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
 
 
 def component_classes():

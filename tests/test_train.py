@@ -13,6 +13,7 @@ import pytest
 
 from gpt2.train import trainer as train
 from gpt2.train.budget import Budget, BudgetClock, Progress
+from gpt2.train.machine import MachineLoad, busy_verdict, other_gpu_processes
 from lib.config import load_settings
 from gpt2.io import read_jsonl
 
@@ -20,7 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 METRIC_KEYS = {"status", "failure_reason", "iters", "tokens_seen", "tokens_per_s", "ms_per_step", "mfu", "params",
                "final_val_loss", "best_val_loss", "final_val_ppl", "unigram_entropy", "peak_mem_bytes",
-               "train_time_s", "eval_time_s", "compile_time_s", "gates"}
+               "train_time_s", "eval_time_s", "compile_time_s", "gates", "best_val_iter", "best_val_tokens",
+               "past_val_minimum", "machine"}
+MACHINE_KEYS = {"cpus", "load_avg_max", "load_avg_mean", "gpu_other_processes", "busy", "busy_reason"}
 EVAL_KEYS = {"iter", "tokens", "train_time_s", "wall_time_s", "train_loss", "val_loss", "val_ppl", "lr"}
 
 
@@ -87,6 +90,50 @@ def test_budget_fraction_and_stop():
         Budget(0, 0)
 
 
+def test_busy_verdict_thresholds():
+    """CPU runs: busy once the 1-minute load exceeds the usable cores; GPU runs: busy with any other process."""
+    assert busy_verdict("cpu", 2, 2.48, None) == (True, "1-minute load average reached 2.48 on 2 usable core(s)")
+    assert busy_verdict("cpu", 2, 2.0, None) == (False, None)  # a lone run keeps its own cores busy
+    assert busy_verdict("cpu", 16, 9.5, None) == (False, None)
+    assert busy_verdict("cpu", 2, None, None) == (False, None)  # no load average on this platform
+    assert busy_verdict("cuda", 16, 40.0, 0) == (False, None)  # a GPU run is not judged by the host's load
+    assert busy_verdict("cuda", 16, 0.3, 2) == (True, "2 other process(es) on the GPU")
+    assert busy_verdict("cuda", 16, 0.3, None) == (False, None)  # unknown is not busy
+
+
+def test_machine_load_samples_the_real_load_average():
+    load = MachineLoad()
+    before = os.getloadavg()[0]
+    load.sample()
+    load.sample(torch_cpu())  # a device: also the GPU's neighbours, none for the CPU
+    after = os.getloadavg()[0]
+    record = load.record("cpu")
+    assert load.load_samples == 2 and record["cpus"] == len(os.sched_getaffinity(0)) >= 1
+    assert min(before, after) - 0.5 <= record["load_avg_max"] <= max(before, after) + 0.5
+    assert record["load_avg_mean"] <= record["load_avg_max"] and record["gpu_other_processes"] is None
+    assert (record["busy"], record["busy_reason"]) == busy_verdict("cpu", record["cpus"], record["load_avg_max"], None)
+    assert MachineLoad(**load.state()) == load  # what a checkpoint carries gives the same samples back
+
+
+def test_other_gpu_processes_from_nvidia_smi_lines():
+    listing = ("4242, GPU-5a1c2e34-0d6b-11ef-9d52-2b1e3f4a5b6c\n"
+               "5151, GPU-5a1c2e34-0d6b-11ef-9d52-2b1e3f4a5b6c\n"
+               "6060, GPU-77777777-0d6b-11ef-9d52-2b1e3f4a5b6c\n")
+    ours = "5a1c2e34-0d6b-11ef-9d52-2b1e3f4a5b6c"  # torch's uuid has no "GPU-"
+    assert other_gpu_processes(listing, ours, own_pid=4242) == 1
+    assert other_gpu_processes(listing, "GPU-" + ours.upper(), own_pid=4242) == 1
+    assert other_gpu_processes(listing, ours, own_pid=99) == 1  # PIDs of another namespace: one of them is us
+    assert other_gpu_processes(listing, "77777777-0d6b-11ef-9d52-2b1e3f4a5b6c", own_pid=6060) == 0
+    assert other_gpu_processes("", ours, own_pid=4242) is None  # we hold a context there: hidden, not zero
+    assert other_gpu_processes("No running processes found\n", ours, own_pid=4242) is None
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
 def test_budget_clock_charges_agreed_chunks_and_extrapolates_the_lr_fraction():
     syncs = []
     clock = BudgetClock(Budget(max_time_s=10, max_iters=0), iters=0, sync=lambda: syncs.append(1))
@@ -119,6 +166,12 @@ def test_script_writes_self_describing_run_dir(make_config, tmp_path):
     assert m["status"] == "done" and m["failure_reason"] is None and m["iters"] == 20
     assert m["tokens_seen"] == 20 * 4 * 32 and m["params"] > 0 and m["tokens_per_s"] > 0
     assert m["mfu"] is None and m["peak_mem_bytes"] is None  # CPU
+    machine = m["machine"]
+    assert set(machine) == MACHINE_KEYS and machine["cpus"] == len(os.sched_getaffinity(0))
+    assert machine["gpu_other_processes"] is None  # CPU: no GPU to share
+    assert 0 <= machine["load_avg_mean"] <= machine["load_avg_max"]  # sampled at the log and eval points
+    assert (machine["busy"], machine["busy_reason"]) == busy_verdict("cpu", machine["cpus"], machine["load_avg_max"],
+                                                                     None)
     assert m["gates"] == [] and m["final_val_ppl"] == pytest.approx(2.718281828 ** m["final_val_loss"])
     records = read_jsonl(run_dir / "eval.jsonl")
     assert [r["iter"] for r in records] == [10, 20] and all(EVAL_KEYS <= set(r) for r in records)
@@ -283,25 +336,6 @@ def test_bench_smoke_writes_reports(tmp_path):
     assert "| ours |" in (tmp_path / "train-cpu-smoke.md").read_text()
 
 
-def test_tracker_choice(tmp_path):
-    from gpt2.train.tracking import NullTracker, build_tracker
-    from gpt2.settings import TrackingSettings
-
-    assert isinstance(build_tracker(TrackingSettings(backend="none", project=""), tmp_path), NullTracker)
-    tensorboard = TrackingSettings(backend="tensorboard", project="p")
-    assert isinstance(build_tracker(tensorboard, tmp_path, enabled=False), NullTracker)  # non-main ranks
-    try:
-        tracker = build_tracker(tensorboard, tmp_path)
-    except RuntimeError as exc:  # tensorboard is optional
-        assert "pip install tensorboard" in str(exc)
-    else:
-        tracker.log({"train/loss": 1.0, "perf/mfu": None}, 1)
-        tracker.close()
-        assert any((tmp_path / "tensorboard").iterdir())
-    with pytest.raises(ValueError, match="not implemented"):
-        build_tracker(TrackingSettings(backend="wandb", project="p"), tmp_path)
-
-
 def test_trainer_starts_from_a_hugging_face_checkpoint(make_config, tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -397,7 +431,7 @@ def test_cached_composition_is_a_no_op_for_other_backends(backend):
     assert all(torch.equal(cached[n], plain[n]) for n in plain)
 
 
-def test_cached_composition_default_is_single_process_accumulation_only():
+def test_cached_composition_needs_accumulation_and_under_ddp_a_reduce():
     import torch
 
     from gpt2.train.step import TrainStep

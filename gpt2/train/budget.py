@@ -73,10 +73,13 @@ class Progress:
     checkpoint_time_s: float = 0.0
     wall_time_s: float = 0.0  # whole-process wall time of all sessions before this one
     best_val_loss: float | None = None
+    best_val_iter: int | None = None  # the evaluation that found best_val_loss (ckpt-best.pt holds its weights)
+    best_val_tokens: int | None = None
     last_val_loss: float | None = None
     last_eval_iter: int = -1
     last_train_loss: float | None = None
     sessions: int = 0
+    machine: dict | None = None  # gpt2.train.machine.MachineLoad's samples over all sessions
 
 
 class BudgetClock:

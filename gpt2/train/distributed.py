@@ -1,4 +1,4 @@
-"""Device selection, torchrun (re)launch and the DistributedDataParallel process group.
+"""Device selection, torchrun (re)launch, the DistributedDataParallel process group and its wrapper.
 
 One process per GPU, started by torchrun: `python -m lib.runs.train` re-executes itself through
 `python -m torch.distributed.run --standalone --nproc_per_node N` when CONFIG_TRAIN_NUM_GPUS > 1
@@ -132,6 +132,44 @@ def setup(device_choice: str) -> DistContext:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, reduce_self=()) -> torch.nn.Module:
+    """DistributedDataParallel around `model`, leaving out the parameters in `reduce_self`.
+
+    DDP neither broadcasts nor reduces those: they are broadcast from rank 0 here (DDP's start, so every
+    rank begins with the same weights), and the caller averages their gradient itself (TrainStep's
+    composition_reduce: ra-unified's composition, gpt2/model/attention/hooks.py). Names are the ones DDP
+    sees (a compiled model prefixes `_orig_mod.`), found by identity.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    own = {id(p) for p in reduce_self}
+    names = [name for name, p in model.named_parameters() if id(p) in own]
+    if len(names) != len(own):
+        raise ValueError(f"wrap_ddp: {len(own) - len(names)} of the reduce_self parameters are not the wrapped "
+                         f"model's (pass the parameters of the model being wrapped)")
+    if names:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+        with torch.no_grad():
+            for p in reduce_self:
+                dist.broadcast(p, src=0)
+    return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+
+def average_gradients(ctx: DistContext, grads: list) -> list:
+    """Each gradient's mean over the processes, sum_r g_r / N as DDP takes it, in one all-reduce of one flat
+    buffer. The buffer is float32 at least, so bf16 gradients are summed in float32 (DDP sums fp32 parameter
+    gradients); each comes back in its own dtype."""
+    if not ctx.enabled or not grads:
+        return list(grads)
+    dtype = torch.float32
+    for g in grads:
+        dtype = torch.promote_types(dtype, g.dtype)
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    return [part.view_as(g).to(g.dtype) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def teardown(ctx: DistContext) -> None:

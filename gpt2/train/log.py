@@ -1,4 +1,9 @@
-"""The trainer's console and train.log output: rank 0 logs to both, other ranks stay silent."""
+"""The trainer's console and train.log output: rank 0 logs to both, other ranks stay silent.
+
+A line that cannot be written (a full disk) must not become one "--- Logging error ---" traceback per line,
+as logging's handlers would print: train.log keeps its first failure and writes no more, and the loop ends
+the run with it at its next sync point (check_log_writes); a console that is gone is left alone.
+"""
 
 import logging
 import sys
@@ -8,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2.io import LOG_NAME
+from gpt2.train.disk import RunWriteError, failure_reason
 
 log = logging.getLogger("gpt2.train.trainer")
 
@@ -18,8 +24,44 @@ class _TqdmHandler(logging.StreamHandler):
     def emit(self, record):
         try:
             tqdm.write(self.format(record), file=sys.stdout)
+        except OSError:
+            pass  # a closed pipe or a full disk behind a redirect: nowhere left to say it
         except Exception:
             self.handleError(record)
+
+
+class _RunLogFile(logging.FileHandler):
+    """train.log that keeps its first failed write as `failure` (an OSError) and then writes nothing more."""
+
+    failure = None
+
+    def _open(self):
+        # builtins.open looked up when called, like every other write of the run (logging's handler binds the open
+        # of its import time): one seam where tests/test_reliability_disk.py stands in for a full disk
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record):
+        if self.failure is None:
+            super().emit(record)  # write + flush; what the disk refuses reaches handleError or flush below
+
+    def handleError(self, record):
+        _, error, _ = sys.exc_info()
+        if isinstance(error, OSError):
+            self.failure = self.failure or error
+        else:
+            super().handleError(record)
+
+    def flush(self):
+        try:
+            super().flush()
+        except OSError as error:
+            self.failure = self.failure or error
+
+    def close(self):
+        try:
+            super().close()  # closing flushes what a full disk did not take
+        except OSError as error:
+            self.failure = self.failure or error
 
 
 def setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -29,12 +71,19 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     if not is_main:
         log.addHandler(logging.NullHandler())
         return
-    file_handler = logging.FileHandler(Path(run_dir) / LOG_NAME, mode="a")
+    file_handler = _RunLogFile(Path(run_dir) / LOG_NAME, mode="a", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(file_handler)
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
+
+
+def check_log_writes() -> None:
+    """Raise RunWriteError when train.log could not be written (the run would go on unrecorded)."""
+    for handler in log.handlers:
+        if isinstance(handler, _RunLogFile) and handler.failure is not None:
+            raise RunWriteError(failure_reason(handler.failure, handler.baseFilename))
 
 
 def close_logging() -> None:

@@ -6,6 +6,12 @@ from the measured step time so the time budget is checked about when it runs out
 BudgetClock). Elapsed time is measured between sync points, so it is exact device time; under DDP every
 rank agrees on it (max over ranks) and so takes the same stop decision and the same learning rate.
 
+An evaluation that improves on the best validation loss records its iteration and tokens in the progress,
+which ckpt.pt carries over a resume, and copies the weights into host memory (checkpoint.BestWeights);
+ckpt-best.pt (the model only, CONFIG_TRAIN_KEEP_BEST_CHECKPOINT) is written from that copy just before each
+ckpt.pt (interval, end, interruption) and when the run fails, not at every improvement: so whenever the run
+stops it holds the best weights, and a kill -9 loses only what the last ckpt.pt would lose too.
+
 Interruption (gpt2/train/signals.py): SIGTERM/SIGINT stop the run after the current step; all DDP ranks
 agree on it at a sync point; the run checkpoints and ends "interrupted" with exit code 128 + signal.
 """
@@ -16,16 +22,17 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2.io import CHECKPOINT_NAME
+from gpt2.io import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME
 from gpt2.train import checkpoint as ckpt
 from gpt2.train import distributed
 from gpt2.train.budget import BudgetClock, warmup_step_count
-from gpt2.train.log import budget_bar, log
+from gpt2.train.log import budget_bar, check_log_writes, log
 from gpt2.train.metrics import mfu, perplexity, write_metrics
 from gpt2.train.optim import lr_at, set_lr
 from gpt2.train.signals import StopSignals, signal_name
 from gpt2.train.step import evaluate, sync
 from gpt2.train.summary import summary
+from gpt2.train.tracking import gate_scalars
 
 
 class TrainingFailed(RuntimeError):
@@ -34,7 +41,18 @@ class TrainingFailed(RuntimeError):
 
 def train(run, stop: StopSignals) -> int:
     """Train `run` (a set-up gpt2.train.trainer.Run) until the budget is spent or a stop signal is agreed on;
-    ends with a checkpoint. Returns the agreed stop signal (0: none)."""
+    ends with a checkpoint. Returns the agreed stop signal (0: none). A run that fails on the way still
+    writes the best weights it has seen."""
+    run.best_weights = ckpt.BestWeights() if run.s.train.keep_best_checkpoint and run.dctx.is_main else None
+    run.session.start_loop(run.p)
+    try:
+        return _train(run, stop)
+    except BaseException:
+        write_best_after_failure(run)
+        raise
+
+
+def _train(run, stop: StopSignals) -> int:
     s, train, p, dctx = run.s, run.s.train, run.p, run.dctx
     warmup_steps = warmup_step_count(s.general.compile, dctx.enabled)
     clock = BudgetClock(run.budget, p.iters, sync=lambda: sync(run.device), every_step=run.device.type == "cpu")
@@ -82,12 +100,16 @@ def train(run, stop: StopSignals) -> int:
         if due_log or (warm and p.iters == 1):
             log_progress(run, log_losses, lr, clock.step_time_s)
             log_losses = []
+        check_log_writes()  # a train.log the disk refused ends the run here, not unrecorded at its end
         if signum:
             continue  # stop: the checkpoint after the loop stands in for this point's eval and checkpoint
         if due_eval:
             refresh_routing(run)
             run_eval(run, lr)
-        if due_ckpt:
+        # A budget spent here with this iteration evaluated: the loop ends next and its checkpoint, with nothing
+        # in between, is this one (the same ckpt.pt written twice cost a full write).
+        ends_here = run.budget.stop_reason(p.train_time_s, p.iters) and p.last_eval_iter == p.iters
+        if due_ckpt and not ends_here:
             save(run)
         clock.plan_next_check(p, train.log_interval)
         run.bar.update(int(1000 * run.budget.fraction(p.train_time_s, p.iters)) - run.bar.n)
@@ -100,10 +122,14 @@ def train(run, stop: StopSignals) -> int:
         run_eval(run, lr)
     run.bar.close()
     save(run)
+    run.session.end_loop(p)
     cause = f"{signal_name(signum)} (signal)" if run.stop_reason == "signal" else run.stop_reason
+    startup = run.session.startup_s
     log.info(f"stopped by {cause} at iter {p.iters}: {p.train_time_s:.1f}s training, "
              f"{p.compile_time_s:.1f}s warm-up/compile, {p.eval_time_s:.1f}s eval, "
-             f"{p.checkpoint_time_s:.1f}s checkpoints")
+             f"{p.checkpoint_time_s:.1f}s checkpoints, {run.session.other_s(p):.1f}s logs/records; "
+             + (f"{startup:.1f}s start-up and " if startup is not None else "")
+             + f"{run.session.setup_s():.1f}s setup before the loop")
     return signum
 
 
@@ -143,6 +169,8 @@ def log_progress(run, losses, lr, step_time_s) -> None:
         parts.append(f"mfu {100 * util:.1f}%")
     parts.append(f"budget {100 * run.budget.fraction(p.train_time_s, p.iters):.1f}%")
     log.info(" | ".join(parts))
+    if run.dctx.is_main:
+        run.machine.sample()  # the load average only: a file read
     run.tracker.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                      "perf/tokens_per_s": tokens_per_s, "perf/mfu": util}, p.iters)
 
@@ -163,27 +191,64 @@ def run_eval(run, lr) -> None:
     if not math.isfinite(val_loss):
         raise TrainingFailed(f"non-finite validation loss ({val_loss}) at iter {p.iters}")
     p.last_val_loss = val_loss
-    p.best_val_loss = val_loss if p.best_val_loss is None else min(p.best_val_loss, val_loss)
+    improved = p.best_val_loss is None or val_loss < p.best_val_loss
+    if improved:
+        p.best_val_loss, p.best_val_iter, p.best_val_tokens = val_loss, p.iters, p.tokens_seen
     record = {"iter": p.iters, "tokens": p.tokens_seen, "train_time_s": round(p.train_time_s, 4),
               "wall_time_s": round(run.wall_time(), 4), "train_loss": p.last_train_loss,
               "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr}
     log.info(f"eval iter {p.iters}: val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}), "
-             f"best {p.best_val_loss:.4f}, unigram entropy {run.unigram:.4f}")
+             f"best {p.best_val_loss:.4f} (iter {p.best_val_iter}), unigram entropy {run.unigram:.4f}")
+    if improved and run.s.train.keep_best_checkpoint:
+        keep_best(run)
     if run.dctx.is_main:
+        run.machine.sample(run.device)  # with the GPU's other processes: one nvidia-smi per evaluation
         run.eval_log.append(record)
         write_metrics(run.run_dir, summary(run))
-    run.tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, p.iters)
+    run.tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss),
+                     **gate_scalars(run.raw_model.gate_values())}, p.iters)
 
 
 def save(run) -> None:
     """Checkpoint (all ranks take part: each contributes its RNG and data position)."""
     t0 = time.perf_counter()
     run.p.wall_time_s = run.wall_time()
+    run.p.machine = run.machine.state()
     ranks = distributed.gather_objects(run.dctx, {"rng": ckpt.capture_rng_state(),
                                                   "data": run.batches.state_dict()})
     if run.dctx.is_main:
+        if run.best_weights is not None:  # first: the best on disk, then the progress that names it
+            run.best_weights.write(run.run_dir / BEST_CHECKPOINT_NAME, run.signature)
         ckpt.save_checkpoint(run.run_dir / CHECKPOINT_NAME, model=run.raw_model, optimizer=run.optimizer,
                              scaler=run.step.scaler, signature=run.signature, ranks=ranks,
                              progress=asdict(run.p))
     distributed.barrier(run.dctx)
+    run.p.checkpoint_time_s += time.perf_counter() - t0
+
+
+def keep_best(run) -> None:
+    """Copy the weights of the evaluation that just improved on the best into host memory; save() writes them
+    as ckpt-best.pt. Rank 0 keeps them (the weights are the same on every rank) and waits for its device to
+    finish the copies (milliseconds), the others wait for rank 0: so the copy is charged to checkpoint time on
+    all of them, not to the next chunk of training time, whose steps would otherwise queue behind it."""
+    t0 = time.perf_counter()
+    if run.best_weights is not None:
+        run.best_weights.capture(run.raw_model, asdict(run.p))
+        sync(run.device)
+    distributed.barrier(run.dctx)
+    run.p.checkpoint_time_s += time.perf_counter() - t0
+
+
+def write_best_after_failure(run) -> None:
+    """The run is failing: ckpt-best.pt from the weights kept since the last checkpoint, if any (rank 0, no
+    collective: the other ranks may be anywhere). A write that fails too is said, not raised over the cause."""
+    best = getattr(run, "best_weights", None)
+    if best is None or not best.pending:
+        return
+    t0 = time.perf_counter()
+    try:
+        best.write(run.run_dir / BEST_CHECKPOINT_NAME, run.signature)
+        log.info(f"wrote {BEST_CHECKPOINT_NAME}: the weights of the best evaluation (iter {best.iters})")
+    except Exception as exc:
+        log.warning(f"could not write {BEST_CHECKPOINT_NAME} with the best weights (iter {best.iters}): {exc}")
     run.p.checkpoint_time_s += time.perf_counter() - t0

@@ -37,23 +37,31 @@ class TrainStep:
     What the model adds to the step comes through its hooks (see GPT): the micro-steps run inside
     `raw_model.accumulation(compiled)`, and `raw_model.regularization_loss()` joins the objective once.
 
-    The accumulation block is entered only with grad_accum > 1 in one process (`cache_composition`).
-    Inside it the model may compute weights derived from its parameters once per optimizer step and send
-    their accumulated gradient back to the parameters when the block closes, before clipping. Under DDP
-    that is too late: DDP all-reduces gradients from hooks that fire during the last micro-step's
-    backward, so gradients that reach the parameters only when the block closes would never be reduced
-    across ranks (and DDP would find parameters that received no gradient in the backward it watched).
+    The accumulation block is entered with grad_accum > 1 (`cache_composition`). Inside it the model may
+    compute weights derived from its parameters once per optimizer step and send their accumulated gradient
+    back to the parameters when the block closes, before clipping. Under DDP that is too late for DDP's own
+    reduction, which runs from hooks during the last micro-step's backward; so under DDP the block is entered
+    only with `composition_reduce` (distributed.average_gradients), and then always: DDP was built without
+    the composed-from parameters (distributed.wrap_ddp with hooks.composed_parameters), and the block
+    averages the composed weights' accumulated gradient across processes before sending it back
+    (hooks.cached_composition says why that equals DDP's gradients). Every other parameter keeps DDP's
+    reduction on the last micro-step (no_sync before it).
     """
 
     def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
                  grad_clip: float, ddp: bool = False, cache_composition: bool | None = None,
-                 compiled: bool = False):
+                 compiled: bool = False, composition_reduce=None):
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
         if cache_composition is None:
-            cache_composition = grad_accum > 1 and not ddp
-        if cache_composition and ddp:
-            raise ValueError("cached composition is single-process only (see TrainStep)")
+            cache_composition = composition_reduce is not None or (grad_accum > 1 and not ddp)
+        if cache_composition and ddp and composition_reduce is None:
+            raise ValueError("cached composition under DDP needs composition_reduce (and a DDP built by "
+                             "distributed.wrap_ddp); without it, it is single-process only (see TrainStep)")
+        if composition_reduce is not None and not cache_composition:
+            raise ValueError("composition_reduce needs cache_composition: without it the parameters DDP leaves "
+                             "to the step would never be averaged")
+        self.composition_reduce = composition_reduce
         self.cache_composition = cache_composition
         self.compiled = compiled  # compose through torch.compile too (the model itself is compiled)
         self.autocast = autocast_context(device, precision)
@@ -69,7 +77,7 @@ class TrainStep:
         return x, y
 
     def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
-        with self.raw_model.accumulation(self.compiled) if self.cache_composition else nullcontext():
+        with self.accumulation():
             loss_sum = self.accumulate(batches, inject_nan)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -82,6 +90,13 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / self.grad_accum
+
+    def accumulation(self):
+        """The block around the micro-steps: the model's accumulation hook, or under DDP the same cached
+        composition with the composed weights' gradient averaged across processes before it goes back."""
+        if not self.cache_composition:
+            return nullcontext()
+        return self.raw_model.accumulation(self.compiled, reduce=self.composition_reduce)
 
     def accumulate(self, batches, inject_nan: bool) -> torch.Tensor:
         """Forward/backward of every micro-batch; returns the summed loss (device tensor)."""

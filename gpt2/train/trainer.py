@@ -9,23 +9,30 @@ checkpoint time are timed on their own and never charged. The learning rate foll
     summary.py   metrics.json and the closing log line
 """
 
+import functools
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from gpt2.io import CHECKPOINT_NAME
+from gpt2.io import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, CONFIG_NAME, ENV_NAME, LockHeld
+from gpt2.data.streamed import StreamUnavailable
 from gpt2.model.gpt import build_model
 from gpt2.train import checkpoint as ckpt
 from gpt2.train import distributed
 from gpt2.train.budget import Budget, Progress
-from gpt2.train.log import close_logging, header_lines, log, setup_logging
+from gpt2.train.disk import RunWriteError, writing
+from gpt2.train.log import check_log_writes, close_logging, header_lines, log, setup_logging
 from gpt2.train.loop import TrainingFailed, refresh_routing, train
-from gpt2.train.metrics import EvalLog, flops_per_token, peak_flops, write_metrics
+from gpt2.train.metrics import EvalLog, SessionClock, collection_paused, flops_per_token, peak_flops, \
+    skip_collections_at_exit, write_metrics
 from gpt2.train.optim import build_optimizer
-from gpt2.train.run_dir import RunDirError, prepare_run_dir, write_env_json, write_settings_json
+from gpt2.train.machine import MachineLoad
+from gpt2.train.run_dir import SETTINGS_NAME, RunDirError, RunLock, prepare_run_dir, write_env_json, \
+    write_settings_json
 from gpt2.train.signals import Interrupted, StopSignals, exit_code, signal_name
 from gpt2.train.step import TrainStep, effective_precision
 from gpt2.train.summary import closing_line, record_outcome, summary
@@ -53,6 +60,7 @@ class Run:
         self.stop_reason = None
         self.unigram = None
         self.tracker = None
+        self.run_lock = None
         self.bar = None
         self.dctx = None
         self.device = None
@@ -61,6 +69,9 @@ class Run:
         self.flops_per_token = None
         self.peak_flops = None
         self.train_tokens = None  # of the training split, for the epoch count
+        self.machine = MachineLoad()  # load average and GPU neighbours at log and eval points
+        self.session = SessionClock()  # start-up, setup, loop and teardown of this process (metrics.json)
+        self.best_weights = None  # the best evaluation's weights in host memory (the loop's)
 
     def setup(self):
         """Everything the loop needs, in order: process group, run directory and logging, data, model and
@@ -77,7 +88,7 @@ class Run:
         self.flops_per_token = flops_per_token(self.raw_model.num_params(non_embedding=True), s.model.n_layer,
                                                s.model.n_head, s.model.head_dim, s.model.block_size)
         self.peak_flops = peak_flops(self.device)
-        self.tracker = build_tracker(s.tracking, self.run_dir, enabled=self.dctx.is_main)
+        self.tracker = build_tracker(s, self.run_dir, enabled=self.dctx.is_main)
         for line in header_lines(self, resume_iter):
             log.info(line)
         refresh_routing(self)  # the loaded (or initial) gates decide the routing before the first step
@@ -91,13 +102,21 @@ class Run:
             raise ValueError(f"CONFIG_TRAIN_GRAD_ACCUM={train.grad_accum} is not a multiple of the "
                              f"{dctx.world_size} processes; the global batch would change")
         self.micro_steps = train.grad_accum // dctx.world_size
+        if dctx.is_main and not distributed.under_torchrun():
+            # One trainer per run directory, also when trainer.run is called on its own; under lib.runs.train
+            # this adopts the lock the entry point took, and under torchrun the launcher holds it.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_lock = RunLock(self.run_dir).acquire()
         if dctx.is_main:
-            prepare_run_dir(self.run_dir, self.config_path, self.resume)
+            with writing(self.run_dir / CONFIG_NAME):  # the directory and its config snapshot
+                prepare_run_dir(self.run_dir, self.config_path, self.resume)
         distributed.barrier(dctx)
         setup_logging(self.run_dir, dctx.is_main)
         if dctx.is_main:
-            write_env_json(self.run_dir, self.argv)
-            write_settings_json(self.run_dir, s)
+            with writing(self.run_dir / ENV_NAME):
+                write_env_json(self.run_dir, self.argv)
+            with writing(self.run_dir / SETTINGS_NAME):
+                write_settings_json(self.run_dir, s)
         self.device = dctx.device
         self.precision = effective_precision(self.device, s.general.precision)
         if self.device.type == "cuda":
@@ -137,13 +156,15 @@ class Run:
 
         model = torch.compile(self.raw_model) if s.general.compile else self.raw_model
         self.eval_model = model
+        # Under DDP with accumulation, ra-unified still composes once per optimizer step: DDP leaves the parameters
+        # it composes from to the step, which averages the composed weight's gradient (gpt2/train/step.py).
+        composed = self.raw_model.composed_parameters() if dctx.enabled and self.micro_steps > 1 else []
         if dctx.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[dctx.local_rank] if self.device.type == "cuda" else None)
+            model = distributed.wrap_ddp(model, dctx, reduce_self=composed)
+        reduce = functools.partial(distributed.average_gradients, dctx) if composed else None
         self.step = TrainStep(model, self.raw_model, self.optimizer, device=self.device, precision=self.precision,
                               grad_accum=self.micro_steps, grad_clip=train.grad_clip, ddp=dctx.enabled,
-                              compiled=s.general.compile)
+                              compiled=s.general.compile, composition_reduce=reduce)
 
     def resume_from_checkpoint(self) -> int | None:
         """With --resume and a ckpt.pt: model, optimizer, scaler, RNG, data position and progress from it.
@@ -160,25 +181,55 @@ class Run:
         if data_state is not None:
             self.batches.load_state_dict(data_state)
         self.p = Progress(**state["progress"])
+        self.machine = MachineLoad(**(self.p.machine or {}))
+        if self.dctx.is_main:
+            self.reconcile_best_checkpoint()
         return self.p.iters
+
+    def reconcile_best_checkpoint(self):
+        """Make ckpt-best.pt the best evaluation the resumed progress knows (best_val_iter), so that the file and
+        metrics.json's best_val_* always describe the same weights. A ckpt-best.pt of another evaluation was
+        written after ckpt.pt, by steps that are now trained again: it goes. When the best evaluation is the
+        one at the checkpoint itself, the weights just loaded are the best ones and are written back."""
+        path, p = self.run_dir / BEST_CHECKPOINT_NAME, self.p
+        best_iter = ckpt.checkpoint_progress(path).get("best_val_iter") if path.exists() else None
+        if best_iter is not None and best_iter == p.best_val_iter:
+            return
+        if path.exists():
+            path.unlink()
+            log.info(f"removed {path}: its evaluation (iter {best_iter}) is not the best one of the checkpoint "
+                     f"resumed from (iter {p.best_val_iter})")
+        if self.s.train.keep_best_checkpoint and p.best_val_iter is not None and p.best_val_iter == p.iters:
+            ckpt.save_best_checkpoint(path, model=self.raw_model, signature=self.signature, progress=asdict(p))
+            log.info(f"wrote {path} from the checkpoint: its weights are those of the best evaluation")
 
     def wall_time(self) -> float:
         return self.wall_base + (time.perf_counter() - self.t_start)
 
     def finish(self):
-        if self.tracker is not None:
-            self.tracker.close()
-        if self.bar is not None:
-            self.bar.close()
+        """Close the tracker and progress bar. The run's outcome is decided by now: a close that fails (a full
+        disk under the tracker's files) is said in one line, not raised over the outcome."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+        for part in (self.tracker, self.bar):
+            try:
+                if part is not None:
+                    part.close()
+            except Exception as exc:
+                print(f"warning: closing {type(part).__name__} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
     """Train one run; returns the process exit code: 0 done, 1 failed, 128 + signal number when a SIGINT or
     SIGTERM interrupted it (metrics.json status "interrupted"). Rank 0 writes the run directory."""
+    close_logging()  # handlers left by an earlier run in this process would take this run's first messages
     r = Run(settings, config_path, run_dir, resume, argv)
+    skip_collections_at_exit()
     stop = StopSignals()
     stop.install()
     try:
+        with collection_paused():  # torch.optim imports torch._dynamo at the first optimizer: here, faster
+            import torch._dynamo  # noqa: F401
         r.setup()
         if r.dctx.is_main:
             write_metrics(r.run_dir, summary(r))
@@ -186,8 +237,9 @@ def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
         signum = train(r, stop)
         r.status = "interrupted" if r.stop_reason == "signal" else "done"
         if r.dctx.is_main:
-            write_metrics(r.run_dir, summary(r))
             log.info(closing_line(r, signum))
+            check_log_writes()  # a train.log that lost lines is a failed record, not a finished run
+            write_metrics(r.run_dir, summary(r))
         return exit_code(signum) if r.status == "interrupted" else 0
     except (Interrupted, KeyboardInterrupt) as exc:  # before the loop: nothing to checkpoint
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
@@ -201,7 +253,8 @@ def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
         return exit_code(signum)
     except Exception as exc:
         r.status = "failed"
-        expected = isinstance(exc, (TrainingFailed, ckpt.CheckpointError, RunDirError))
+        expected = isinstance(exc, (TrainingFailed, ckpt.CheckpointError, RunDirError, RunWriteError, LockHeld,
+                                    StreamUnavailable))
         r.failure_reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         if log.handlers:
             (log.error if expected else log.exception)(f"run failed: {r.failure_reason}")

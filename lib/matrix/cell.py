@@ -27,12 +27,15 @@ from pathlib import Path
 from lib import config as kcfg
 from lib.matrix.plan import CELL_CONFIG
 from lib.matrix.process import start_cell_process
-from lib.matrix.state import CONSOLE_LOG, LOCK_FILE, STATE_FILE, CellState, cell_lock, read_state, write_state
+from lib.matrix.state import CONSOLE_LOG, LOCK_FILE, LOCK_GRACE_S, STATE_FILE, CellState, cell_lock, read_state, \
+    write_state
 from gpt2.io import CHECKPOINT_NAME, METRICS_NAME, REPO_ROOT, read_json
+from gpt2.train.run_dir import RUN_LOCK_ENV, RUN_LOCK_NAME
 from lib.runs import train as train_entry
 
-# Files of the run directory that belong to the matrix, not to a training attempt.
-MATRIX_FILES = {CELL_CONFIG, STATE_FILE, CONSOLE_LOG, LOCK_FILE}
+# Files of the run directory that belong to the matrix (or to no attempt in particular), not to a training
+# attempt: they stay in place when an attempt's outputs move to attempt-<n>/.
+MATRIX_FILES = {CELL_CONFIG, STATE_FILE, CONSOLE_LOG, LOCK_FILE, RUN_LOCK_NAME}
 
 _OOM = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc", re.I)
 _NAN = re.compile(r"\b(nan|non-finite|inf)\b.*\bloss\b|\bloss\b.*\b(nan|non-finite|inf)\b", re.I)
@@ -66,6 +69,30 @@ def failure_reason(exit_code, metrics, log_text) -> str:
             return f"train.py exited 0 but metrics.json says status {metrics.get('status')!r}"
         return "final validation loss is not finite"
     return code
+
+
+def time_split(elapsed_s: float, metrics) -> str | None:
+    """Where the cell process's wall time went, from its metrics.json and the runner's own clock; None when the
+    trainer recorded no split. The trainer cannot record its own exit (it follows the last record), so that
+    part is the runner's: elapsed - the trainer's process_s. The loop's parts are the run's totals, so for a
+    resumed cell they cover earlier sessions too."""
+    overhead = metrics.get("overhead") if isinstance(metrics, dict) else None
+    if not isinstance(overhead, dict) or not isinstance(overhead.get("process_s"), (int, float)):
+        return None
+
+    def secs(value):
+        return f"{value:.1f}" if isinstance(value, (int, float)) else "?"
+
+    loop = [("training", metrics.get("train_time_s")), ("warm-up/compile", metrics.get("compile_time_s")),
+            ("eval", metrics.get("eval_time_s")), ("checkpoints", metrics.get("checkpoint_time_s")),
+            ("other", overhead.get("other_s"))]
+    train_s = metrics.get("train_time_s")
+    timed = isinstance(train_s, (int, float)) and train_s > 0
+    ratio = f"; {elapsed_s / train_s:.2f}x its training time" if timed else ""
+    return (f"time: {elapsed_s:.1f} s wall = {secs(overhead.get('startup_s'))} start-up + "
+            f"{secs(overhead.get('setup_s'))} setup + loop ({', '.join(f'{secs(v)} {name}' for name, v in loop)}) + "
+            f"{secs(overhead.get('teardown_s'))} closing + {elapsed_s - overhead['process_s']:.1f} exit after the "
+            f"last record{ratio}")
 
 
 def _finished_ok(exit_code, metrics) -> bool:
@@ -119,14 +146,16 @@ class CellProcess:
         return cmd + (["--resume"] if resume else [])
 
     def environment(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in kcfg.ENV_OVERRIDES}  # the plan holds the budget
+        # The plan holds the budget; the cell's trainer takes its own run lock (a lock handed to this runner
+        # is for some other run directory).
+        env = {k: v for k, v in os.environ.items() if k not in kcfg.ENV_OVERRIDES and k != RUN_LOCK_ENV}
         env["PYTHONUNBUFFERED"] = "1"
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         env.update(self.extra_env)
         return env
 
-    def start(self, wait_for_lock_s=0.0) -> None:
+    def start(self, wait_for_lock_s=LOCK_GRACE_S) -> None:
         """Raises MatrixLocked if another process is training this cell."""
         self.lock.acquire(wait_for_lock_s)
         state = read_state(self.matrix_dir, self.cell.id)
@@ -186,12 +215,12 @@ class CellProcess:
     def finish(self) -> CellState:
         """After the process ended: classify, write the state, release the lock."""
         exit_code = self.proc.wait()
+        elapsed_s = self.elapsed_s()
         self._reader.join(timeout=10)
-        self._log.close()
         state = read_state(self.matrix_dir, self.cell.id)
         state.exit_code = exit_code
         state.finished_at = time.time()
-        state.elapsed_s = round(state.elapsed_s + self.elapsed_s(), 3)
+        state.elapsed_s = round(state.elapsed_s + elapsed_s, 3)
         metrics = None
         metrics_path = self.run_dir / METRICS_NAME
         if metrics_path.exists() and metrics_path.stat().st_mtime >= state.started_at - 1:
@@ -199,10 +228,19 @@ class CellProcess:
                 metrics = read_json(metrics_path)
             except (OSError, ValueError):
                 metrics = None
+        split = time_split(elapsed_s, metrics)
+        if split:  # in console.log and on the console: what the cell cost besides its training
+            self._log.write(f"==== {split}\n".encode())
+            self.console.cell_line(self.cell.label, split)
+        self._log.close()
         # A trainer stopped by a signal (ours, or e.g. a scheduler's SIGTERM) checkpoints and
         # reports "interrupted": that cell can resume, so it is not a failure.
         stopped_by_signal = bool(metrics) and metrics.get("status") == "interrupted"
-        if self.interrupted or stopped_by_signal:
+        if exit_code == train_entry.RUN_BUSY_EXIT:  # another process trains the run directory: not a failure
+            tail = (self.run_dir / CONSOLE_LOG).read_bytes()[-2000:].decode(errors="replace").strip()
+            state.status = "pending"
+            state.note = tail.splitlines()[-1] if tail else "its run directory is being trained by another process"
+        elif self.interrupted or stopped_by_signal:
             state.status = "pending"
             state.note = ("interrupted; resumes from its checkpoint" if (self.run_dir / CHECKPOINT_NAME).exists()
                           else "interrupted before its first checkpoint; restarts")

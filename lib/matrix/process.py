@@ -11,7 +11,6 @@ Two ways to start one:
     where torch's start-up would otherwise dominate a 2-iteration cell.
 """
 
-import ctypes
 import os
 import signal
 import socket
@@ -19,15 +18,7 @@ import subprocess
 import sys
 import time
 
-
-def die_with_parent_hook():
-    """preexec_fn: the child gets SIGTERM when the runner dies (Linux), so no cell trains orphaned."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-    return lambda: libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+from lib.runs.child import die_with_parent_hook
 
 
 def start_cell_process(argv, env, cwd, keep_fd, fork=False):
@@ -115,7 +106,7 @@ class ForkedTrainer:
             os.dup2(write_end, 2)
             os.close(write_end)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            hook = die_with_parent_hook()
+            hook = die_with_parent_hook(parent=os.getppid())
             if hook:
                 hook()
             signal.signal(signal.SIGINT, signal.default_int_handler)
