@@ -105,8 +105,10 @@ def test_no_two_packages_import_each_other():
     assert cycles == [], "packages that import each other in a circle:\n" + "\n".join(sorted(set(cycles)))
 
 
-@pytest.mark.parametrize("module", ["lib.config", "lib.config.steps", "lib.matrix.plan", "lib.matrix.describe",
-                                    "lib.matrix.state", "lib.report.writer", "gpt2.settings", "gpt2.io"])
+@pytest.mark.parametrize("module", ["lib.config", "lib.config.steps", "lib.config.edit", "lib.config.extras",
+                                    "lib.matrix.plan", "lib.matrix.describe", "lib.matrix.state", "lib.matrix.sweep",
+                                    "lib.matrix.fingerprint", "lib.report.writer", "lib.report.verdicts",
+                                    "lib.report.reproduce", "lib.report.sweep", "gpt2.settings", "gpt2.io"])
 def test_configuration_planning_and_reports_never_import_torch(module):
     code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
