@@ -136,7 +136,6 @@ class RAAttentionBase(AttentionBase):
             self.u = extra_parameter(torch.zeros(H, self.head_dim))  # never weight-decayed
         self.head_select_threshold = attn.head_select_threshold
         self.w_rec_l1 = attn.w_rec_l1
-        self.register_buffer("zero_loss", torch.zeros(()), persistent=False)  # no allocation per step
         # Heads that take the RA path, as a Python tuple (a static shape for torch.compile); None = all.
         self.routed_heads = None
         self.refresh_head_routing()
@@ -156,11 +155,11 @@ class RAAttentionBase(AttentionBase):
     def gate_values(self) -> dict:
         return {"w_std": self.w_std().float().cpu().tolist(), "w_rec": self.w_rec().float().cpu().tolist()}
 
-    def regularization_loss(self) -> torch.Tensor:
+    def regularization_loss(self) -> torch.Tensor | None:
         """CONFIG_ATTN_W_REC_L1 * sum_h |w_rec,h| (w_rec >= 0, so the sum itself). Summed over the H heads also
         with a per-layer gate, where all H heads share one w_rec: the penalty is H w_rec, as documented."""
-        if self.w_rec_l1 == 0:
-            return self.zero_loss
+        if self.w_rec_l1 == 0:  # None, not a zero tensor: no eager adds and backward work on every step
+            return None
         return self.w_rec_l1 * self.w_rec().sum()
 
     # --- head-selective routing -------------------------------------------------------------
