@@ -1,4 +1,5 @@
-"""File helpers every layer shares (torch-free): run-directory file names, atomic writes, file locks.
+"""File and process helpers every layer shares (torch-free): run-directory file names, atomic writes, file
+locks, and children that die with their parent.
 
 Every file is written under a temporary sibling name and renamed into place, so a reader (the matrix
 runner, the report, a resumed run) sees either the old file or the complete new one, never a prefix.
@@ -8,12 +9,16 @@ FileLock is an exclusive flock on a file that names its holder: a run directory,
 matrix cell each have one, so two processes never train or write the same thing at once.
 """
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import json
 import math
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -229,3 +234,25 @@ def _try_flock(fd, kind) -> bool:
         if err.errno not in (errno.EAGAIN, errno.EACCES):
             raise
         return False
+
+
+# ---- child processes -----------------------------------------------------------------
+
+def die_with_parent_hook(parent=None):
+    """preexec_fn: the child gets SIGTERM when `parent` (default: this process, which starts the child) dies
+    (Linux); None elsewhere. A forked child calling it itself passes its parent's pid."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid() if parent is None else parent
+    pr_set_pdeathsig = 1
+
+    def hook():
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died between fork and prctl: the signal will never come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook

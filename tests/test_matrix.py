@@ -217,7 +217,7 @@ def test_failure_reasons_are_specific():
 
 # ---- real cells ------------------------------------------------------------------------------------
 
-def _wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -239,7 +239,7 @@ def test_matrix_survives_sigkill_resumes_and_reports(matrix_config, tmp_path):
     command = [*MATRIX, "run", "--config", str(config)]
     with open(tmp_path / "first.log", "w") as log:
         runner = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-        matrix_dir = _wait_for(lambda: next(iter(results.glob("*/plan.json")), None), 60, "plan.json").parent
+        matrix_dir = wait_for(lambda: next(iter(results.glob("*/plan.json")), None), 60, "plan.json").parent
 
         def mid_cell():
             now = states(matrix_dir)
@@ -248,13 +248,13 @@ def test_matrix_survives_sigkill_resumes_and_reports(matrix_config, tmp_path):
                     and (matrix_dir / "cells" / c / "ckpt.pt").exists()]
             return len(done) >= 2 and busy and (done, busy)
 
-        done_before, interrupted = _wait_for(mid_cell, 240, "two finished cells and one with a checkpoint")
+        done_before, interrupted = wait_for(mid_cell, 240, "two finished cells and one with a checkpoint")
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=30)
     before = {c: (matrix_dir / "cells" / c / "metrics.json").stat().st_mtime_ns for c in done_before}
     # The killed runner's cell does not keep training on its own.
     pgid = read_state(matrix_dir, interrupted[0]).pgid
-    _wait_for(lambda: not matrix_process.group_alive(pgid), 30, "the orphaned cell to exit")
+    wait_for(lambda: not matrix_process.group_alive(pgid), 30, "the orphaned cell to exit")
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr

@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gpt2.train import trainer
 from gpt2.train.run_dir import RunLock, run_is_live
 from lib.config import load_settings, parse_assignments
+from tests.test_matrix import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, "-m", "scripts.run"]
@@ -38,16 +38,6 @@ def metrics(run_dir):
 
 def values(path):
     return {a.symbol: a.value for a in parse_assignments(path)}
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status_is(run_dir, status):

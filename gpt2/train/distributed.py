@@ -11,8 +11,6 @@ If the re-launching process is killed outright, the kernel sends torchrun SIGTER
 so no torchrun is left behind.
 """
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -22,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gpt2.io import die_with_parent_hook
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def relaunch(num_procs: int, entry: list, args: list, device_type: str) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         child.append(subprocess.Popen(relaunch_command(num_procs, entry, args), env=env, process_group=0,
-                                      preexec_fn=_die_with_parent_hook(os.getpid())))
+                                      preexec_fn=die_with_parent_hook()))
         if received:  # arrived while torchrun was being started
             _signal_group(child[0].pid, received[0])
         code = child[0].wait()
@@ -97,24 +97,6 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
-
-
-def _die_with_parent_hook(parent_pid: int):
-    """preexec_fn: the child gets SIGTERM when its parent dies (Linux); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook():
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
 
 
 def setup(device_choice: str) -> DistContext:

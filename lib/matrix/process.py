@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from lib.runs.child import die_with_parent_hook
+from gpt2.io import die_with_parent_hook
 
 
 def start_cell_process(argv, env, cwd, keep_fd, fork=False):

@@ -12,35 +12,15 @@ The parent's run lock is passed down (pass_fds + the environment entry RunLock.h
 adopts it: the directory stays locked from the parent's choice of it to the child's last write.
 """
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
 import sys
 import threading
 
+from gpt2.io import die_with_parent_hook
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
-
-
-def die_with_parent_hook(parent=None):
-    """preexec_fn: the child gets SIGTERM when `parent` (default: this process, which starts the child) dies
-    (Linux); None elsewhere. A forked child calling it itself passes its parent's pid."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    parent = os.getpid() if parent is None else parent
-    pr_set_pdeathsig = 1
-
-    def hook():
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died between fork and prctl: the signal will never come
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
 
 
 def run_child(command, env, keep_fds=()) -> int:
