@@ -18,6 +18,9 @@ Sections (bf16 autocast; default: sdpa, op, gates, kv, step, step-accum; --secti
               as a ratio to the baseline; all models built first, then timed in interleaved rounds
   step-accum  the trainer's whole optimizer step (gpt2.train.step.TrainStep) with --accum micro-batches of 16 for
               sdpa, ra-unified (composed QKV weight cached over the micro-steps) and ra-same-flop
+  sizes       the whole step at every model size a preset uses, compiled by default and with CUDA graphs
+  loop        the step a matrix cell really runs (gpt2.train.trainer.Run built from the preset's cell config)
+              for each ablation step of --loop-preset, against its first step, with an A/A control
 Kernel-level sections report GPU time (kernel durations summed by torch.profiler, so the host's launch
 overhead, which dominates eager code at these sizes, is left out); the step sections are wall clock.
 A full run on an H100 takes about 9 minutes, most of it compiling (--sections step-accum,kv about 3);
@@ -41,9 +44,13 @@ from bench.common import Bench, gpu_slug, workload
 from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
 from bench.op import run_op_section
 from bench.render import write_report
-from bench.report import DEFAULT_SECTIONS, SECTIONS, empty_sections, finalize, merge_earlier
+from bench.report import DEFAULT_SECTIONS, SECTIONS, earlier_report, empty_sections, finalize, keep_earlier_sizes, \
+    merge_earlier
+from bench.loop import run_loop_section
 from bench.sizes import run_sizes_section
 from bench.step import STEP_VARIANTS, run_step_accum_section, run_step_section
+
+LOOP_PRESETS = {False: "shakespeare-gpu-ra-matrix", True: "cpu-tiny-run"}  # the loop section's preset (smoke: CPU)
 
 
 def parse_args(argv):
@@ -60,8 +67,9 @@ def parse_args(argv):
     parser.add_argument("--step-rounds", type=int, default=15,
                         help="timing rounds of the step section (each times every variant once, 10 steps)")
     parser.add_argument("--profile", default="", metavar="VARIANTS",
-                        help="comma-separated whole-step variants whose kernel table (CUDA) is written to the "
-                             "output directory as profile-<variant>.txt")
+                        help="comma-separated whole-step variants (step section) or ablation steps (loop section) "
+                             "whose kernel and host tables (CUDA) are written to the output directory as "
+                             "profile-<variant>.txt, resp. profile-loop-<step>.txt")
     parser.add_argument("--step-variants", default=",".join(STEP_VARIANTS),
                         help="comma-separated whole-step variants (backend or backend+disc); sdpa is the baseline")
     parser.add_argument("--sizes", default=None, metavar="NAMES",
@@ -70,6 +78,12 @@ def parse_args(argv):
                         help="sizes section: comma-separated torch.compile modes (default,reduce-overhead)")
     parser.add_argument("--size-variants", default=None, metavar="VARIANTS",
                         help="sizes section: comma-separated variants (default sdpa,ra-unified,sdpa+again,ra-same-flop)")
+    parser.add_argument("--loop-preset", default=None, metavar="PRESET",
+                        help="loop section: the preset whose cells are timed (default shakespeare-gpu-ra-matrix; "
+                             "cpu-tiny-run with --smoke)")
+    parser.add_argument("--loop-steps", default=None, metavar="STEPS",
+                        help="loop section: comma-separated ablation steps (default: the preset's matrix steps); "
+                             "the first is the baseline")
     args = parser.parse_args(argv)
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     unknown = sections - set(SECTIONS)
@@ -111,6 +125,8 @@ def main(argv=None) -> int:
     stem = Path(args.out_dir) / f"attention-{gpu_slug(device)}"
     # --sections: keep what an earlier run measured of the other sections (a full run starts afresh).
     kept_errors = merge_earlier(report, stem.with_suffix(".json"), sections) if args.sections else []
+    # The sizes section keeps the blocks a partial run (--sizes, --compile-modes) did not measure again.
+    earlier = (earlier_report(stem.with_suffix(".json"), report) or {}) if args.sections else {}
     variants = [v for v in args.step_variants.split(",") if v]
     if "sdpa" not in variants:
         variants.insert(0, "sdpa")
@@ -124,9 +140,15 @@ def main(argv=None) -> int:
                                          profile_dir=args.out_dir if args.profile else None,
                                          profile_variants=args.profile.split(",")),
         "step-accum": lambda: run_step_accum_section(bench, w, args.accum),
-        "sizes": lambda: run_sizes_section(bench, w, args.sizes and args.sizes.split(","),
-                                           args.compile_modes and args.compile_modes.split(","),
-                                           args.size_variants and args.size_variants.split(",")),
+        "sizes": lambda: keep_earlier_sizes(
+            run_sizes_section(bench, w, args.sizes and args.sizes.split(","),
+                              args.compile_modes and args.compile_modes.split(","),
+                              args.size_variants and args.size_variants.split(",")),
+            earlier, report["date"]),
+        "loop": lambda: run_loop_section(bench, args.loop_preset or LOOP_PRESETS[args.smoke],
+                                         args.loop_steps and args.loop_steps.split(","),
+                                         profile_dir=args.out_dir if args.profile else None,
+                                         profile_variants=args.profile.split(",")),
     }
     for name in SECTIONS:  # the report is rewritten after every section, so a killed run keeps what it had
         if name in sections:

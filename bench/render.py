@@ -95,6 +95,8 @@ def render_markdown(report) -> str:
         lines += step_accum_lines(report["step-accum"])
     if report.get("sizes"):
         lines += size_lines(report["sizes"])
+    if report.get("loop"):
+        lines += loop_lines(report["loop"])
     g = report["gates"]
     if g["rows"]:
         lines += gate_lines(g)
@@ -241,21 +243,59 @@ def merged_note(report) -> str:
 
 
 def size_lines(sizes):
-    """The sizes section: one table, a row per size x compile mode x variant."""
+    """The sizes section: one table, a row per size x compile mode x variant, with the block's A/A resolution
+    (step_resolution of its sdpa+again) and, when blocks were measured by different runs, their dates."""
+    dated = len({b.get("date") for b in sizes}) > 1
     lines = ["## Whole training step at every preset size", "",
              "As the whole-step table (bracketed, interleaved rounds, median with quartiles), for each model size a "
              "preset trains, compiled by default and with CUDA graphs (mode reduce-overhead). sdpa+again is the "
-             "A/A control: how far its ratio strays from 1 is the resolution of the other ratios in its block.", ""]
-    header = ["size", "compile mode", "variant", "ms/step", "tokens/s", "x baseline", "quartiles", "warm-up s"]
+             "A/A control; its resolution (the larger of its median's distance from 1 and the standard error of "
+             "its median) is how finely the other ratios of its block are resolved.", ""]
+    header = ["size", "compile mode", "variant", "ms/step", "tokens/s", "x baseline", "quartiles",
+              "A/A resolution", "warm-up s"] + (["measured"] if dated else [])
     rows = []
     for block in sizes:
+        control = block["variants"].get("sdpa+again", {})
+        resolution = step_resolution(control) if control.get("rounds_ms") else None
+        when = [block.get("date") or "n/a"] if dated else []
         for name, r in block["variants"].items():
             head = [block["size"], block["mode"], name]
             if "skipped" in r or not r.get("rounds_ms"):
-                rows.append(head + [f"not measured: {r.get('skipped', 'failed')}"] + [""] * 4)
+                rows.append(head + [f"not measured: {r.get('skipped', 'failed')}"] + [""] * 5 + when)
                 continue
             rows.append(head + [fmt(r.get("ms_per_step"), ".2f"), fmt(r.get("tokens_per_s"), ",.0f"),
-                                fmt(r.get("ratio"), ".4f", "x"), quartiles(r), fmt(r.get("warmup_s"), ".1f")])
+                                fmt(r.get("ratio"), ".4f", "x"), quartiles(r),
+                                fmt(resolution, ".4f") if name != "sdpa" else "",
+                                fmt(r.get("warmup_s"), ".1f")] + when)
+    return lines + table_lines(header, rows) + [""]
+
+
+def loop_lines(loop):
+    """The loop section: each preset step's real cell step, against the preset's first step."""
+    lw, base = loop["workload"], loop["baseline"]
+    if "n_layer" not in lw:
+        return ["## A matrix cell's own step", "", f"Preset {lw['preset']}: no cell could be built (see the "
+                "failures).", ""]
+    lines = ["## A matrix cell's own step", "",
+             f"Preset {lw['preset']}: GPT-2 {lw['n_layer']}x{lw['n_embd']} ({lw['n_head']} heads), T={lw['block_size']}, "
+             f"batch {lw['batch_size']} x {lw['grad_accum']} micro-batches, dropout {lw['dropout']}, "
+             f"{lw['precision']}, compile {'on' if lw['compile'] else 'off'}, on {lw['device']}. Each variant is the "
+             "Run a matrix cell of that step builds for seed 1 (its .config written and validated as the planner "
+             "writes it; Run.setup(): data, model, optimizer, compile) and one timing is run.step(run.batches), "
+             "the trainer's optimizer step with its batch copied from pinned host memory. "
+             f"{lw['rounds']} interleaved rounds of {lw['steps_per_round']} steps, each variant bracketed by {base}; "
+             f"x {base} is the median of the bracketed ratios, with quartiles; {base}+again, a second build of "
+             f"{base}, is the A/A control. Kernel ms is the GPU time of one step (summed kernel durations): "
+             "ms/step above it is time the GPU waited for the host.", ""]
+    header = ["step", "ms/step", "kernel ms/step", "tokens/s", f"x {base}", "quartiles", "warm-up s"]
+    rows = []
+    for name, r in loop["variants"].items():
+        if "skipped" in r or not r.get("rounds_ms"):
+            rows.append([name, f"not measured: {r.get('skipped', 'failed')}"] + [""] * (len(header) - 2))
+            continue
+        rows.append([name, fmt(r.get("ms_per_step"), ".2f"), fmt(r.get("kernel_ms"), ".2f"),
+                     fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("ratio"), ".4f", "x"), quartiles(r),
+                     fmt(r.get("warmup_s"), ".1f")])
     return lines + table_lines(header, rows) + [""]
 
 

@@ -26,13 +26,13 @@ LADDER = [
 
 # Sections of the report (keys of the JSON) in the order they run; "layer" (whole attention modules) is on
 # request only.
-SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum", "sizes"]
-DEFAULT_SECTIONS = ["sdpa", "op", "gates", "kv", "step", "step-accum", "sizes"]
+SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum", "sizes", "loop"]
+DEFAULT_SECTIONS = ["sdpa", "op", "gates", "kv", "step", "step-accum", "sizes", "loop"]
 
 
 def empty_sections() -> dict:
     return {"sdpa": None, "op": [], "layer": [], "gates": {"shape": {}, "rows": []}, "kv": {"rows": []},
-            "step": None, "step-accum": None, "sizes": []}
+            "step": None, "step-accum": None, "sizes": [], "loop": None}
 
 
 def has_data(report, name) -> bool:
@@ -122,15 +122,24 @@ def finalize(report, bench, w, kept_errors=()):
             run["run_elapsed_s"] = report["elapsed_s"]
 
 
+def earlier_report(json_path: Path, report):
+    """The report at json_path when it was measured on the same device (and smoke flag) as `report`, else
+    None (said when it exists but is another device's)."""
+    if not json_path.exists():
+        return None
+    earlier = json.loads(json_path.read_text())
+    if (earlier.get("device"), earlier.get("smoke")) != (report["device"], report["smoke"]):
+        print(f"{json_path} is from {earlier.get('device')} (smoke {earlier.get('smoke')}): not merged")
+        return None
+    return earlier
+
+
 def merge_earlier(report, json_path: Path, sections) -> list:
     """Copy into `report` every section of the earlier report at json_path that this run does not measure
     (same device and smoke flag only), with when it was measured; returns the earlier failures of those
     sections. The sections this run measures replace theirs when they finish."""
-    if not json_path.exists():
-        return []
-    earlier = json.loads(json_path.read_text())
-    if (earlier.get("device"), earlier.get("smoke")) != (report["device"], report["smoke"]):
-        print(f"{json_path} is from {earlier.get('device')} (smoke {earlier.get('smoke')}): not merged")
+    earlier = earlier_report(json_path, report)
+    if earlier is None:
         return []
     runs = earlier.get("section_runs") or {name: {"date": earlier["date"], "run_elapsed_s": earlier.get("elapsed_s")}
                                             for name in SECTIONS if has_data(earlier, name)}
@@ -140,3 +149,14 @@ def merge_earlier(report, json_path: Path, sections) -> list:
             if name in runs:
                 report["section_runs"][name] = runs[name]
     return [e for e in earlier.get("errors", []) if error_section(e) not in sections]
+
+
+def keep_earlier_sizes(blocks, earlier: dict, date) -> list:
+    """The sizes section after a run that measured only some (size, compile mode) blocks (--sizes,
+    --compile-modes): the new blocks, dated, and every block of the earlier report's section (same device,
+    already merged by merge_earlier's rules) that was not re-measured, with the date it was measured."""
+    fresh = {(b["size"], b["mode"]) for b in blocks}
+    earlier_date = (earlier.get("section_runs") or {}).get("sizes", {}).get("date", earlier.get("date"))
+    kept = [{**b, "date": b.get("date", earlier_date)} for b in earlier.get("sizes") or []
+            if (b["size"], b["mode"]) not in fresh]
+    return kept + [{**b, "date": date} for b in blocks]

@@ -102,46 +102,50 @@ def build_accum_step(variant, w, device, compile_model, accum):
 
 
 def profile_step(step, variant, out_dir, steps=3):
-    """Kernel table (top 40 by device time) of a few steps -> <out_dir>/profile-<variant>.txt"""
+    """Kernel table (top 40 by device time) and host table (top 40 by the host's own time) of a few steps
+    -> <out_dir>/profile-<variant>.txt"""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
-    path = Path(out_dir) / f"profile-{re.sub(r'[^a-z0-9]+', '-', variant)}.txt"
-    atomic_write_text(path, f"{variant}: {steps} steps\n{table}\n")
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by=key, row_limit=40, max_name_column_width=90)
+              for key in ("self_cuda_time_total", "self_cpu_time_total")]
+    path = Path(out_dir) / f"profile-{re.sub(r'[^a-z0-9]+', '-', variant.lower())}.txt"
+    atomic_write_text(path, f"{variant}: {steps} steps, by device time\n{tables[0]}\n\nby host time\n{tables[1]}\n")
 
 
-def bracket_sequence(variants, round_index):
-    """The timing order of one round: sdpa before and after every other variant (sdpa, v1, sdpa, v2, ...,
-    sdpa), the others rotated by the round index so none always follows the same one. Without sdpa, the
-    variants alone."""
-    others = [v for v in variants if v != BASELINE]
+def bracket_sequence(variants, round_index, baseline=BASELINE):
+    """The timing order of one round: the baseline (sdpa) before and after every other variant (sdpa, v1,
+    sdpa, v2, ..., sdpa), the others rotated by the round index so none always follows the same one. Without
+    the baseline, the variants alone."""
+    others = [v for v in variants if v != baseline]
     if others:
         shift = round_index % len(others)
         others = others[shift:] + others[:shift]
-    if BASELINE not in variants:
+    if baseline not in variants:
         return others
-    return [v for other in others for v in (BASELINE, other)] + [BASELINE]
+    return [v for other in others for v in (baseline, other)] + [baseline]
 
 
-def bracketed_ratios(sequence, times):
-    """[(variant, its time / mean of the sdpa times just before and after it)] for one round; timings that
-    failed (None) give no ratio. The GPU clock drifts as it warms: a ratio to the neighbours cancels that."""
+def bracketed_ratios(sequence, times, baseline=BASELINE):
+    """[(variant, its time / mean of the baseline's times just before and after it)] for one round; timings
+    that failed (None) give no ratio. The GPU clock drifts as it warms: a ratio to the neighbours cancels that."""
     ratios = []
     for j, variant in enumerate(sequence):
-        if variant == BASELINE or times[j] is None or not 0 < j < len(sequence) - 1:
+        if variant == baseline or times[j] is None or not 0 < j < len(sequence) - 1:
             continue
         before, after = times[j - 1], times[j + 1]
-        if sequence[j - 1] == sequence[j + 1] == BASELINE and before is not None and after is not None:
+        if sequence[j - 1] == sequence[j + 1] == baseline and before is not None and after is not None:
             ratios.append((variant, times[j] / ((before + after) / 2)))
     return ratios
 
 
-def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
-    """Build and warm up (compile) every variant, then time them in interleaved rounds.
+def build_and_time(bench, w, variants, build, label, warmup, rounds, steps, baseline=BASELINE):
+    """Build and warm up (compile) every variant, then time them in interleaved rounds, each bracketed by
+    `baseline`.
     -> (results {variant: {warmup_s, rounds_ms} or {skipped}}, built {variant: step})"""
     built, results = {}, {}
     for variant in variants:
@@ -164,7 +168,7 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
             built[variant] = r[0]
             results[variant] = {"warmup_s": r[1], "rounds_ms": []}
     for i in range(rounds):
-        sequence = bracket_sequence(list(built), i)
+        sequence = bracket_sequence(list(built), i, baseline)
         times = []
         for variant in sequence:
             if variant not in built:  # failed earlier in this round
@@ -190,19 +194,20 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps):
                 del built[variant]
             else:
                 results[variant]["rounds_ms"].append(ms)
-        for variant, ratio in bracketed_ratios(sequence, times):
+        for variant, ratio in bracketed_ratios(sequence, times, baseline):
             results[variant].setdefault("round_ratios", []).append(ratio)
     return results, built
 
 
-def summarize(results, tokens_per_step):
-    """Median round, tokens/s, and the ratio to sdpa (median and quartiles of the bracketed ratios), in place."""
+def summarize(results, tokens_per_step, baseline=BASELINE):
+    """Median round, tokens/s, and the ratio to the baseline (median and quartiles of the bracketed ratios),
+    in place."""
     for variant, r in results.items():
         if not r.get("rounds_ms"):
             continue
         r["ms_per_step"] = statistics.median(r["rounds_ms"])
         r["tokens_per_s"] = tokens_per_step / (r["ms_per_step"] / 1000)
-        ratios = [1.0] if variant == BASELINE else r.get("round_ratios")
+        ratios = [1.0] if variant == baseline else r.get("round_ratios")
         if ratios:
             r["ratio"] = statistics.median(ratios)
             r["ratio_q1"], _, r["ratio_q3"] = (statistics.quantiles(ratios, n=4, method="inclusive")

@@ -48,6 +48,12 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert "ra-unified whole optimizer step <= 1.005x (grad accum, cached composition)" in report["goals"]
     assert "ra-unified whole step <= 1.005x" in report["goals"]  # the per-micro-step goal stays
     assert (tmp_path / "attention-cpu-smoke.png").stat().st_size > 0
+    # The loop section built real cells of the CPU preset (V0, V1 and the A/A control) and timed their steps.
+    loop = report["loop"]
+    assert loop["workload"]["preset"] == "cpu-tiny-run" and loop["baseline"] == "V0"
+    assert list(loop["variants"]) == ["V0", "V1", "V0+again"]
+    assert all(r["ratio"] is not None and r["kernel_ms"] > 0 for r in loop["variants"].values())
+    assert "## A matrix cell's own step" in md and "Preset cpu-tiny-run" in md
 
     # --sections re-measures only those and keeps the rest of the saved report.
     proc = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--smoke", "--sections", "step-accum,kv", "--accum", "2",
@@ -55,7 +61,7 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step: build" not in proc.stdout and "step-accum: build" in proc.stdout
     merged = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
-    for kept in ("sdpa", "op", "gates", "step"):
+    for kept in ("sdpa", "op", "gates", "step", "loop", "sizes"):
         assert merged[kept] == report[kept], kept
         assert merged["section_runs"][kept] == report["section_runs"][kept]
     assert merged["step-accum"]["workload"]["accum"] == 2
@@ -120,3 +126,17 @@ def test_the_resolution_counts_the_a_a_spread_not_only_its_median():
     lines = ladder_and_goal_lines(report)
     assert any(line.endswith("| met (within the A/A noise) |") for line in lines)
     assert any("resolves about +-0.93%" in line for line in lines)
+
+
+def test_a_partial_sizes_run_keeps_the_blocks_it_did_not_measure():
+    from bench.report import keep_earlier_sizes
+
+    def block(size, mode, ms):
+        return {"size": size, "mode": mode, "variants": {"sdpa": {"ms_per_step": ms}}}
+
+    earlier = {"date": "d1", "sizes": [block("mini", "default", 1.0), block("350M", "default", 3.0)]}
+    merged = keep_earlier_sizes([block("350M", "default", 4.0)], earlier, "d2")
+    assert [(b["size"], b["date"], b["variants"]["sdpa"]["ms_per_step"]) for b in merged] == \
+        [("mini", "d1", 1.0), ("350M", "d2", 4.0)]
+    assert keep_earlier_sizes([block("mini", "default", 2.0)], {}, "d3") == [{**block("mini", "default", 2.0),
+                                                                             "date": "d3"}]
