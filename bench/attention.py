@@ -82,8 +82,9 @@ def parse_args(argv):
                         help="loop section: the preset whose cells are timed (default shakespeare-gpu-ra-matrix; "
                              "cpu-tiny-run with --smoke)")
     parser.add_argument("--loop-steps", default=None, metavar="STEPS",
-                        help="loop section: comma-separated ablation steps (default: the preset's matrix steps); "
-                             "the first is the baseline")
+                        help="loop section: comma-separated ablation steps (default: the preset's matrix steps), "
+                             "each optionally with @SYMBOL=value overrides (V1@TORCH_COMPILE_CUDA_GRAPHS=n); the "
+                             "first is the baseline, and a second build of it follows the second")
     args = parser.parse_args(argv)
     sections = set((args.sections or ",".join(DEFAULT_SECTIONS)).split(","))
     unknown = sections - set(SECTIONS)

@@ -13,6 +13,7 @@ rounds of bench/step.py, the preset's first step being the baseline and a second
 is time the GPU waited for the host.
 """
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -52,15 +53,19 @@ class CellRuns:
         self.runs = []
 
     def build(self, variant):
+        """variant: a step id, optionally with "+again" (a second build) and "@SYMBOL=value" overrides after it
+        ("V1@TORCH_COMPILE_CUDA_GRAPHS=n")."""
         from gpt2.train.log import close_logging
         from gpt2.train.trainer import Run
         from lib import config as kcfg
         from lib.config.steps import select_steps
 
-        (step,) = select_steps([variant.removesuffix(AGAIN)])
-        name = variant.replace("+", "-")
+        head, *assignments = variant.split("@")
+        (step,) = select_steps([head.removesuffix(AGAIN)])
+        overrides = dict(a.split("=", 1) for a in assignments)
+        name = re.sub(r"[^A-Za-z0-9_.=-]", "-", variant)
         config = self.work_dir / f"{name}.config"
-        kcfg.write_cell_config(self.base, {**step.overrides, "SEED": "1", "MATRIX": "n"}, config)
+        kcfg.write_cell_config(self.base, {**step.overrides, "SEED": "1", "MATRIX": "n", **overrides}, config)
         close_logging()
         run = Run(kcfg.load_settings(config, environ={}), config, self.work_dir / "runs" / name, resume=False)
         self.runs.append(run)

@@ -29,6 +29,7 @@ class GeneralSettings:
     device: str = _sym("DEVICE", "choice", "auto")  # auto | cuda | cpu
     precision: str = _sym("PRECISION", "choice", "bf16")  # bf16 | fp16 | fp32
     compile: bool = _sym("TORCH_COMPILE", "bool", False)
+    cuda_graphs: bool = _sym("TORCH_COMPILE_CUDA_GRAPHS", "bool", False)  # compile mode "reduce-overhead"
     seed: int = _sym("SEED", "int", 1)
     results_dir: str = _sym("RESULTS_DIR", "str", "results")
 

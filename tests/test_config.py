@@ -81,6 +81,15 @@ def test_out_of_range_int_is_refused_with_the_range(tmp_path):
         cfg.load_settings(path, environ={})
 
 
+def test_cuda_graphs_with_gradient_accumulation_is_refused_at_its_line(tmp_path):
+    path = write(tmp_path, "CONFIG_TORCH_COMPILE=y\nCONFIG_TORCH_COMPILE_CUDA_GRAPHS=y\nCONFIG_TRAIN_GRAD_ACCUM=2\n")
+    with pytest.raises(cfg.ConfigError, match=r"defconfig:2: CONFIG_TORCH_COMPILE_CUDA_GRAPHS=y needs one GPU and no "
+                                              r"gradient accumulation .*CONFIG_TRAIN_GRAD_ACCUM=2"):
+        cfg.load_settings(path, environ={})
+    ok = write(tmp_path, "CONFIG_TORCH_COMPILE=y\nCONFIG_TORCH_COMPILE_CUDA_GRAPHS=y\n")
+    assert cfg.load_settings(ok, environ={}).general.cuda_graphs
+
+
 def test_non_integer_int_is_refused(tmp_path):
     path = write(tmp_path, "CONFIG_SEED=one\n")
     with pytest.raises(cfg.ConfigError, match=r"CONFIG_SEED='one' is not an integer"):

@@ -477,3 +477,36 @@ def test_head_routing_is_refreshed_at_evaluations_and_after_loading(make_config,
     log_text = (run_dir / "train.log").read_text()
     assert log_text.count(f"routing: layer 1 now 1/{n_head} heads on the plain path") == 2
     assert log_text.index("resuming at iter 8") < log_text.rindex("routing: layer 1")
+
+
+def test_cuda_graphs_refuse_accumulation_and_ddp():
+    import torch
+
+    from gpt2.train.step import TrainStep
+
+    model = torch.nn.Linear(2, 2)
+    for kwargs in ({"grad_accum": 2}, {"grad_accum": 1, "ddp": True}):
+        with pytest.raises(ValueError, match="CUDA graphs need one process and one micro-batch"):
+            TrainStep(model, model, None, device=torch.device("cpu"), precision="fp32", grad_clip=1.0,
+                      cuda_graphs=True, **{"ddp": False, **kwargs})
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["SDPA", "RA_UNIFIED"])
+def test_cuda_graph_steps_train_as_the_plain_compiled_steps(make_config, tmp_path, backend):
+    """The same run compiled with and without CUDA graphs (dropout on, evaluations between steps, losses read
+    back only at sync points) follows the same loss curve."""
+    over = {"DEVICE_CUDA": "y", "PRECISION_FP32": "y", "TORCH_COMPILE": "y", "TRAIN_MAX_ITERS": "12",
+            "TRAIN_LOG_INTERVAL": "1", "TRAIN_EVAL_INTERVAL": "4", "TRAIN_CHECKPOINT_INTERVAL": "0",
+            "MODEL_DROPOUT": "0.0", f"ATTN_BACKEND_{backend}": "y"}
+    plain = make_config(over, name="plain")
+    graphs = make_config({**over, "TORCH_COMPILE_CUDA_GRAPHS": "y"}, name="graphs")
+    assert train_in_process(plain, tmp_path / "plain") == 0
+    assert train_in_process(graphs, tmp_path / "graphs") == 0
+    assert "compile on, CUDA graphs" in (tmp_path / "graphs" / "train.log").read_text()
+    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "graphs")
+    assert len(a) == len(b) == 12
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(abs(x) for x in a)
+    va = [r["val_loss"] for r in read_jsonl(tmp_path / "plain" / "eval.jsonl")]
+    vb = [r["val_loss"] for r in read_jsonl(tmp_path / "graphs" / "eval.jsonl")]
+    assert len(va) == len(vb) == 3 and max(abs(x - y) for x, y in zip(va, vb)) < 1e-3 * va[0]

@@ -150,7 +150,10 @@ class BudgetClock:
         self.chunk_start = time.perf_counter()
 
 
-def warmup_step_count(compile_enabled: bool, ddp: bool) -> int:
+def warmup_step_count(compile_enabled: bool, ddp: bool, cuda_graphs: bool = False) -> int:
     """Steps timed as warm-up, not budget: the first (compilation, kernel selection, allocator growth);
-    with torch.compile or DDP also the second (recompilation for the steady state, DDP bucket rebuild)."""
+    with torch.compile or DDP also the second (recompilation for the steady state, DDP bucket rebuild);
+    with CUDA graphs also the third (the first replays record the graphs)."""
+    if cuda_graphs:
+        return 3
     return 2 if (compile_enabled or ddp) else 1

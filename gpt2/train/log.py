@@ -114,8 +114,12 @@ def header_lines(run, resume_iter) -> list:
         cpu_note = " (the CPU always computes in float32" + (
             f"; CONFIG_PRECISION={s.general.precision} applies on CUDA only)" if s.general.precision != "fp32"
             else ")")
-    lines.append(f"device {where} x{run.dctx.world_size} | precision {run.precision}{cpu_note}"
-                 + f" | compile {'on' if s.general.compile else 'off'}")
+    compiled = "off"
+    if s.general.compile:
+        compiled = "on, CUDA graphs" if run.cuda_graphs else "on"
+        if s.general.cuda_graphs and not run.cuda_graphs:
+            compiled += " (CONFIG_TORCH_COMPILE_CUDA_GRAPHS needs CUDA: without graphs)"
+    lines.append(f"device {where} x{run.dctx.world_size} | precision {run.precision}{cpu_note} | compile {compiled}")
     lines.append(f"model {s.model.n_layer}x{s.model.n_embd}, {s.model.n_head} heads, block {s.model.block_size}, "
                  f"attention {s.attention.backend}, mlp {s.mlp.kind}, {run.raw_model.num_params():,} parameters "
                  f"(vocab {run.vocab_size}, init {s.model.init_from})")

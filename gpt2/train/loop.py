@@ -16,6 +16,7 @@ Interruption (gpt2/train/signals.py): SIGTERM/SIGINT stop the run after the curr
 agree on it at a sync point; the run checkpoints and ends "interrupted" with exit code 128 + signal.
 """
 
+import gc
 import math
 import time
 from dataclasses import asdict
@@ -54,7 +55,7 @@ def train(run, stop: StopSignals) -> int:
 
 def _train(run, stop: StopSignals) -> int:
     s, train, p, dctx = run.s, run.s.train, run.p, run.dctx
-    warmup_steps = warmup_step_count(s.general.compile, dctx.enabled)
+    warmup_steps = warmup_step_count(s.general.compile, dctx.enabled, run.cuda_graphs)
     clock = BudgetClock(run.budget, p.iters, sync=lambda: sync(run.device), every_step=run.device.type == "cpu")
     steps_here = 0
     signum = 0  # the stop signal all ranks agreed on at the last sync point (0: none)
@@ -77,6 +78,10 @@ def _train(run, stop: StopSignals) -> int:
             loss = run.step(run.batches, inject_nan=inject_nan)
             clock.count_step()
         steps_here += 1
+        if steps_here == warmup_steps:
+            # Compilation left ~10^6 long-lived objects; a cyclic collection walking them stalls the host for
+            # tens of ms mid-step. Frozen, they are out of its reach; refcounting still frees what dies.
+            gc.freeze()
         p.iters += 1
         p.tokens_seen += run.tokens_per_iter
         pending.append(loss)
@@ -185,7 +190,8 @@ def run_eval(run, lr) -> None:
     p = run.p
     sync(run.device)
     t0 = time.perf_counter()
-    val_loss = evaluate(run.eval_model, run.raw_model, run.eval_batches, run.dctx, run.step.autocast)
+    val_loss = evaluate(run.eval_model, run.raw_model, run.eval_batches, run.dctx, run.step.autocast,
+                        run.cuda_graphs)
     p.eval_time_s += distributed.all_reduce_max(run.dctx, time.perf_counter() - t0)
     p.last_eval_iter = p.iters
     if not math.isfinite(val_loss):

@@ -50,7 +50,7 @@ class TrainStep:
 
     def __init__(self, model, raw_model: GPT, optimizer, *, device: torch.device, precision: str, grad_accum: int,
                  grad_clip: float, ddp: bool = False, cache_composition: bool | None = None,
-                 compiled: bool = False, composition_reduce=None):
+                 compiled: bool = False, composition_reduce=None, cuda_graphs: bool = False):
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
         if cache_composition is None:
@@ -64,6 +64,10 @@ class TrainStep:
         self.composition_reduce = composition_reduce
         self.cache_composition = cache_composition
         self.compiled = compiled  # compose through torch.compile too (the model itself is compiled)
+        if cuda_graphs and (grad_accum > 1 or ddp):
+            raise ValueError("CUDA graphs need one process and one micro-batch per step: a replay overwrites the "
+                             "outputs (gradients) of the one before, which accumulation and DDP would still read")
+        self.cuda_graphs = cuda_graphs  # the model was compiled with mode "reduce-overhead"
         self.autocast = autocast_context(device, precision)
         fp16 = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
@@ -77,6 +81,8 @@ class TrainStep:
         return x, y
 
     def __call__(self, batches, inject_nan: bool = False) -> torch.Tensor:
+        if self.cuda_graphs:  # a new step: the replay may overwrite what the last one returned (all consumed)
+            torch.compiler.cudagraph_mark_step_begin()
         with self.accumulation():
             loss_sum = self.accumulate(batches, inject_nan)
         if self.scaler:
@@ -89,7 +95,7 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum
+        return loss_sum / self.grad_accum  # a new tensor: under CUDA graphs the graph's own output is overwritten
 
     def accumulation(self):
         """The block around the micro-steps: the model's accumulation hook, or under DDP the same cached
@@ -120,12 +126,15 @@ class TrainStep:
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, eval_batches, dctx, autocast) -> float:
-    """Mean loss over the fixed validation batches (split across ranks, then averaged)."""
+def evaluate(model, raw_model, eval_batches, dctx, autocast, cuda_graphs: bool = False) -> float:
+    """Mean loss over the fixed validation batches (split across ranks, then averaged). cuda_graphs: the model
+    replays graphs, and each batch is a new step for them (its loss is summed before the next replay)."""
     raw_model.eval()
     mine = eval_batches[dctx.rank::dctx.world_size]
     total = torch.zeros(2, dtype=torch.float64, device=dctx.device)
     for x, y in mine:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             _, loss = model(x, y, return_logits=False)
         total[0] += loss.double()

@@ -72,6 +72,7 @@ class Run:
         self.machine = MachineLoad()  # load average and GPU neighbours at log and eval points
         self.session = SessionClock()  # start-up, setup, loop and teardown of this process (metrics.json)
         self.best_weights = None  # the best evaluation's weights in host memory (the loop's)
+        self.cuda_graphs = False  # compiled with mode "reduce-overhead" (CONFIG_TORCH_COMPILE_CUDA_GRAPHS on CUDA)
 
     def setup(self):
         """Everything the loop needs, in order: process group, run directory and logging, data, model and
@@ -154,7 +155,10 @@ class Run:
         self.optimizer = build_optimizer(self.raw_model, s.optimizer, train.lr, self.device.type)
         self.signature = ckpt.signature(s, self.vocab_size, dctx.world_size, self.raw_model)
 
-        model = torch.compile(self.raw_model) if s.general.compile else self.raw_model
+        # CUDA graphs: the host launches each step's forward and backward as one graph replay each.
+        self.cuda_graphs = s.general.compile and s.general.cuda_graphs and self.device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        model = torch.compile(self.raw_model, mode=mode) if s.general.compile else self.raw_model
         self.eval_model = model
         # Under DDP with accumulation, ra-unified still composes once per optimizer step: DDP leaves the parameters
         # it composes from to the step, which averages the composed weight's gradient (gpt2/train/step.py).
@@ -164,7 +168,8 @@ class Run:
         reduce = functools.partial(distributed.average_gradients, dctx) if composed else None
         self.step = TrainStep(model, self.raw_model, self.optimizer, device=self.device, precision=self.precision,
                               grad_accum=self.micro_steps, grad_clip=train.grad_clip, ddp=dctx.enabled,
-                              compiled=s.general.compile, composition_reduce=reduce)
+                              compiled=s.general.compile, composition_reduce=reduce,
+                              cuda_graphs=self.cuda_graphs)
 
     def resume_from_checkpoint(self) -> int | None:
         """With --resume and a ckpt.pt: model, optimizer, scaler, RNG, data position and progress from it.

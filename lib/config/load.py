@@ -122,6 +122,11 @@ def _check_cross_field(settings: Settings, config_path) -> None:
     if train.grad_accum % train.num_gpus:
         raise ConfigError(f"{_where(config_path, 'TRAIN_GRAD_ACCUM')}: CONFIG_TRAIN_GRAD_ACCUM={train.grad_accum} "
                           f"must be a multiple of CONFIG_TRAIN_NUM_GPUS={train.num_gpus} (the global batch is kept)")
+    if settings.general.cuda_graphs and (train.grad_accum > 1 or train.num_gpus > 1):
+        raise ConfigError(f"{_where(config_path, 'TORCH_COMPILE_CUDA_GRAPHS')}: CONFIG_TORCH_COMPILE_CUDA_GRAPHS=y "
+                          f"needs one GPU and no gradient accumulation (CONFIG_TRAIN_NUM_GPUS={train.num_gpus}, "
+                          f"CONFIG_TRAIN_GRAD_ACCUM={train.grad_accum}); a graph's outputs are overwritten by its "
+                          f"next replay")
     if settings.model.init_from == "hf" and not settings.model.hf_checkpoint_dir:
         raise ConfigError(f"{config_path}: CONFIG_MODEL_INIT_HF=y needs CONFIG_MODEL_HF_CHECKPOINT_DIR")
     if settings.data.dataset == "custom" and not settings.data.custom_text_path:
