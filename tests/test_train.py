@@ -501,12 +501,12 @@ def test_cuda_graph_steps_train_as_the_plain_compiled_steps(make_config, tmp_pat
             "MODEL_DROPOUT": "0.0", f"ATTN_BACKEND_{backend}": "y"}
     plain = make_config(over, name="plain")
     graphs = make_config({**over, "TORCH_COMPILE_CUDA_GRAPHS": "y"}, name="graphs")
-    assert train_in_process(plain, tmp_path / "plain") == 0
-    assert train_in_process(graphs, tmp_path / "graphs") == 0
-    assert "compile on, CUDA graphs" in (tmp_path / "graphs" / "train.log").read_text()
-    a, b = step_losses(tmp_path / "plain"), step_losses(tmp_path / "graphs")
+    assert train_in_process(plain, tmp_path / "run-plain") == 0
+    assert train_in_process(graphs, tmp_path / "run-graphs") == 0
+    assert "compile on, CUDA graphs" in (tmp_path / "run-graphs" / "train.log").read_text()
+    a, b = step_losses(tmp_path / "run-plain"), step_losses(tmp_path / "run-graphs")
     assert len(a) == len(b) == 12
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3 * max(abs(x) for x in a)
-    va = [r["val_loss"] for r in read_jsonl(tmp_path / "plain" / "eval.jsonl")]
-    vb = [r["val_loss"] for r in read_jsonl(tmp_path / "graphs" / "eval.jsonl")]
+    va = [r["val_loss"] for r in read_jsonl(tmp_path / "run-plain" / "eval.jsonl")]
+    vb = [r["val_loss"] for r in read_jsonl(tmp_path / "run-graphs" / "eval.jsonl")]
     assert len(va) == len(vb) == 3 and max(abs(x - y) for x, y in zip(va, vb)) < 1e-3 * va[0]
