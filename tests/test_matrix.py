@@ -267,6 +267,7 @@ def test_matrix_survives_sigkill_resumes_and_reports(matrix_config, tmp_path):
     assert final[interrupted[0]].attempts == 2  # the interrupted cell resumed from its checkpoint
     console = (matrix_dir / "cells" / interrupted[0] / "console.log").read_text()
     assert "==== attempt 2 (resume)" in console and "resuming at iter" in console
+    assert "(forked from the matrix runner)" in console  # no GPU here: cells fork from the runner, torch imported
 
     report = (matrix_dir / "report.md").read_text()
     for section in ("# Matrix report", "**Hardware**", "**Git commit**", "**Budget**", "**Seeds**: 1, 2",

@@ -119,7 +119,7 @@ class CellProcess:
     gpus: GPU ids to pin the cell to, or None to inherit CUDA_VISIBLE_DEVICES (a Slurm task).
     runner: who runs it, for state.json ("local" or "slurm:<job>").
     train_command: replaces [python, -m, lib.runs.train] (tests use a stand-in trainer).
-    fork: start it with ForkedTrainer instead of exec (`check` on CPU).
+    fork: start it with ForkedTrainer instead of exec (CPU cells of a matrix run).
     """
 
     def __init__(self, matrix_dir, cell, console, *, gpus=None, runner="local", train_command=None,
@@ -174,7 +174,7 @@ class CellProcess:
         self._log = open(self.run_dir / CONSOLE_LOG, "ab")
         header = (f"==== attempt {state.attempts} ({'resume' if resume else 'fresh start'}) "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {state.host}, GPUs [{state.gpus}]\n"
-                  f"==== {' '.join(cmd)}{' (forked from the check runner)' if self.fork else ''}\n")
+                  f"==== {' '.join(cmd)}{' (forked from the matrix runner)' if self.fork else ''}\n")
         self._log.write(header.encode())
         self._log.flush()
         self.console.cell_line(self.cell.label, f"start ({'resume' if resume else 'fresh'}, attempt "

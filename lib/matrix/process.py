@@ -6,9 +6,9 @@ SIGTERM when the runner dies (PR_SET_PDEATHSIG, Linux), so no cell trains orphan
 what outlives it anyway (torchrun workers) the next runner stops with stop_group().
 
 Two ways to start one:
-  * exec `python -m lib.runs.train ...` (subprocess.Popen), the normal case;
-  * fork this process and call lib.runs.train.main (ForkedTrainer), for `check` on CPU,
-    where torch's start-up would otherwise dominate a 2-iteration cell.
+  * exec `python -m lib.runs.train ...` (subprocess.Popen): GPU cells, and one cell run in the foreground;
+  * fork this process and call lib.runs.train.main (ForkedTrainer): the cells of a matrix on a host with no GPU to
+    give them, where each exec'd cell would spend ~4-6 s importing torch, dynamo and the model code first.
 """
 
 import os
@@ -27,7 +27,7 @@ def start_cell_process(argv, env, cwd, keep_fd, fork=False):
     fork: ForkedTrainer instead of exec (needs ForkedTrainer.preload() first to gain anything).
     """
     if fork:
-        return ForkedTrainer(argv, env, cwd)
+        return ForkedTrainer(argv, env, cwd, keep_fd)
     return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, pass_fds=(keep_fd,), start_new_session=True,
                             preexec_fn=die_with_parent_hook())
@@ -72,13 +72,14 @@ def stop_group(pgid, wait_s) -> None:
 
 
 class ForkedTrainer:
-    """A Popen look-alike for `check` on CPU: a forked child of this process that calls lib.runs.train.main.
+    """A Popen look-alike for CPU cells: a forked child of this process that calls lib.runs.train.main.
 
-    Each training process pays about 4 s importing torch and torch._dynamo (which
-    torch.optim imports on first use) before its first step; for 2-iteration check
-    cells that is nearly all of the time. preload() imports them once here, and every
-    cell still gets its own process (own output, exit code, process group), forked
-    instead of exec'd. Never used with CUDA: a CUDA context does not survive fork.
+    Each training process pays about 4-6 s importing torch and torch._dynamo (which torch.optim imports on
+    first use) before its first step: for `check`'s 2-iteration cells nearly all of their time, for a laptop
+    matrix's 60 s cells a tenth. preload() imports them once here, and every cell still gets its own process
+    (own output, exit code, process group, no file descriptor of the runner's but its own lock), forked instead
+    of exec'd. Only where no cell gets a GPU: a process that has touched CUDA cannot fork a child that uses it,
+    and GPU cells forked from a runner that never did have not been tried on a GPU yet.
     """
 
     @staticmethod
@@ -87,17 +88,17 @@ class ForkedTrainer:
         import lib.runs.train  # noqa: F401
         import torch._dynamo  # noqa: F401
 
-    def __init__(self, argv, env, cwd):
+    def __init__(self, argv, env, cwd, keep_fd=None):
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._child(argv, env, cwd, read_end, write_end)  # never returns
+            self._child(argv, env, cwd, read_end, write_end, keep_fd)  # never returns
         os.close(write_end)
         self.pid, self.returncode = pid, None
         self.stdout = open(read_end, "rb")
 
     @staticmethod
-    def _child(argv, env, cwd, read_end, write_end):
+    def _child(argv, env, cwd, read_end, write_end, keep_fd):
         code = 1
         try:
             os.setsid()
@@ -106,6 +107,11 @@ class ForkedTrainer:
             os.dup2(write_end, 2)
             os.close(write_end)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            # As exec'd cells (close_fds): none of the runner's files, so no lock of the runner's (the matrix's,
+            # another cell's) outlives it in this child; only the cell's own lock stays.
+            keep = sorted({0, 1, 2} | ({keep_fd} if keep_fd is not None else set()))
+            for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+                os.closerange(low + 1, high)
             hook = die_with_parent_hook(parent=os.getppid())
             if hook:
                 hook()

@@ -25,10 +25,10 @@ kernel sends each cell SIGTERM (PR_SET_PDEATHSIG); its cell lock is released
 when it exits, and the next runner stops whatever is left in a dead runner's
 cell process group (torchrun workers) before resuming the cell.
 
-`check` runs its tiny cells through the same scheduler, but on CPU it forks them
-from a process that has already imported torch (ForkedTrainer): the cells run
-the same lib.runs.train.main as a cell process without paying torch's start-up
-each time.
+On a host with no GPU to give the cells (every cell trains on the CPU), the runner imports torch and the
+trainer once and forks each cell from itself (ForkedTrainer): the cells run the same lib.runs.train.main as an
+exec'd cell process without paying torch's start-up each time. GPU cells are exec'd. `check` runs its tiny
+cells through the same scheduler.
 """
 
 import dataclasses
@@ -61,11 +61,12 @@ class RunOptions:
     stream: object = None  # console stream (default sys.stdout)
     live: bool | None = None  # redraw the progress line in place (default: stream is a TTY)
     echo: bool = True  # echo cell output to the console
-    preload_trainer: bool = False  # fork cells from this process with torch already imported (check on CPU)
+    # Fork cells from this process with torch already imported; None: when no cell gets a GPU (run_matrix).
+    preload_trainer: bool | None = None
 
     def cell_process(self, matrix_dir, cell, console, gpus=None, runner="local") -> CellProcess:
         return CellProcess(matrix_dir, cell, console, gpus=gpus, runner=runner, train_command=self.train_command,
-                           extra_env=self.extra_env, fork=self.preload_trainer)
+                           extra_env=self.extra_env, fork=bool(self.preload_trainer))
 
 
 @dataclasses.dataclass
@@ -207,6 +208,10 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
     gpu_ids = visible_gpus() if options.gpu_ids is None else list(options.gpu_ids)
     todo, elsewhere = cells_to_run(matrix_dir, plan, options, console)
     check_feasible(todo, gpu_ids)
+    if options.preload_trainer is None:  # the real trainer (not a test's stand-in command), CPU cells only
+        options = dataclasses.replace(options, preload_trainer=not gpu_ids and options.train_command is None)
+    if options.preload_trainer:
+        ForkedTrainer.preload()
     parallel = parallel_cells(todo, gpu_ids, options.parallel_cap, options.cpu_parallel)
     outcome = Outcome(done=[], failed=[], pending=[c.label for c in elsewhere])
     pool = _Scheduler(matrix_dir, plan, todo, gpu_ids, parallel, options, console, outcome)
@@ -322,10 +327,7 @@ def check_cells(matrix_dir, plan, gpu_ids, stream=None) -> Outcome:
     cores = os.cpu_count() or 1
     cpu_parallel = 1 if gpu_ids else max(1, min(2, cores))
     options = RunOptions(gpu_ids=gpu_ids, cpu_parallel=cpu_parallel, echo=False, grace_s=5, stream=stream,
-                         live=False, extra_env={"OMP_NUM_THREADS": str(max(1, cores // cpu_parallel))},
-                         preload_trainer=not gpu_ids)
-    if options.preload_trainer:
-        ForkedTrainer.preload()
+                         live=False, extra_env={"OMP_NUM_THREADS": str(max(1, cores // cpu_parallel))})
     outcome = run_matrix(matrix_dir, plan, options)
     console = stream or sys.stdout
     for label, _reason in outcome.failed:
