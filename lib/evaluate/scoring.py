@@ -92,40 +92,61 @@ def score_items(items, encode, logits_of, block_size: int, device, batch_size: i
     loglikelihood = np.full((len(items), choices), -np.inf)
     tokens = np.zeros((len(items), choices), dtype=np.int64)
     truncated = np.zeros(len(items), dtype=bool)
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))  # longest first: little padding
-    done = 0
-    for begin in range(0, len(order), batch_size):
-        batch = [requests[i] for i in order[begin:begin + batch_size]]
-        for request, value in zip(batch, _batch_loglikelihood(batch, logits_of, device, autocast)):
-            loglikelihood[request.item, request.choice] = value
-            tokens[request.item, request.choice] = request.scored
-            truncated[request.item] |= request.truncated
-        done += len(batch)
-        if progress:
-            progress(done)
+    sums = score_windows([(r.tokens, r.scored) for r in requests], logits_of, device, batch_size, autocast,
+                         progress=progress)
+    for request, value in zip(requests, sums):
+        loglikelihood[request.item, request.choice] = value
+        tokens[request.item, request.choice] = request.scored
+        truncated[request.item] |= request.truncated
     return ItemScores(loglikelihood, tokens, truncated)
 
 
-def _batch_loglikelihood(batch, logits_of, device, autocast) -> list:
-    """Summed log-probabilities of each request's scored targets (float64, one forward pass)."""
-    width = max(len(r.tokens) for r in batch) - 1
+@torch.no_grad()
+def score_windows(windows, logits_of, device, batch_size: int, autocast=None, greedy=False, progress=None) -> list:
+    """For each window (tokens w, n): the summed log-probability of the last n targets of w[1:] given what comes
+    before them, read from one forward of w[:-1]; with greedy, (that sum, whether every one of those targets is
+    the argmax at its position). In the windows' order.
+
+    The windows are scored longest first (little padding) in batches of `batch_size` right-padded rows: causal
+    attention keeps the padding out of every scored position. Only the scored positions go through log-softmax
+    (B x T x V log-probabilities would be gigabytes at GPT-2's vocabulary). lm-evaluation-harness's model adapter
+    (lib/export/scoring.py) scores its requests here too."""
+    results = [None] * len(windows)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin:begin + batch_size]
+        for i, value in zip(chunk, _batch_loglikelihood([windows[i] for i in chunk], logits_of, device, autocast,
+                                                        greedy)):
+            results[i] = value
+        if progress:
+            progress(min(begin + batch_size, len(order)))
+    return results
+
+
+def _batch_loglikelihood(batch, logits_of, device, autocast, greedy) -> list:
+    """score_windows for one batch (float64 sums, one forward pass)."""
+    width = max(len(tokens) for tokens, _ in batch) - 1
     inputs = torch.zeros((len(batch), width), dtype=torch.long)  # right padding: id 0, never scored
     rows, positions, targets = [], [], []
-    for row, request in enumerate(batch):
-        length = len(request.tokens) - 1
-        inputs[row, :length] = torch.tensor(request.tokens[:-1])
-        for position in range(length - request.scored, length):
+    for row, (tokens, scored) in enumerate(batch):
+        length = len(tokens) - 1
+        inputs[row, :length] = torch.tensor(tokens[:-1])
+        for position in range(length - scored, length):
             rows.append(row)
             positions.append(position)
-            targets.append(request.tokens[position + 1])
+            targets.append(tokens[position + 1])
     with autocast() if autocast else nullcontext():
         logits = logits_of(inputs.to(device))
-    rows_t = torch.tensor(rows, device=logits.device)
-    picked = logits[rows_t, torch.tensor(positions, device=logits.device)].float()  # (scored targets, V)
-    log_probs = torch.log_softmax(picked, dim=-1)
-    target_log_probs = log_probs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].double()
+    rows_t = torch.tensor(rows, device=logits.device, dtype=torch.long)
+    picked = logits[rows_t, torch.tensor(positions, device=logits.device, dtype=torch.long)].float()  # (targets, V)
+    targets_t = torch.tensor(targets, device=logits.device, dtype=torch.long)
+    target_log_probs = torch.log_softmax(picked, dim=-1).gather(1, targets_t[:, None])[:, 0].double()
     sums = torch.zeros(len(batch), dtype=torch.float64, device=logits.device).index_add_(0, rows_t, target_log_probs)
-    return sums.tolist()
+    if not greedy:
+        return sums.tolist()
+    misses = torch.zeros(len(batch), dtype=torch.long, device=logits.device).index_add_(
+        0, rows_t, (picked.argmax(-1) != targets_t).long())
+    return [(s, m == 0) for s, m in zip(sums.tolist(), misses.tolist())]
 
 
 def _first_argmax(values: np.ndarray) -> np.ndarray:

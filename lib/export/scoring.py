@@ -18,47 +18,31 @@ log-likelihood is the sum over windows.
 """
 
 import torch
-import torch.nn.functional as F
+
+from lib.evaluate.scoring import score_windows
 
 
-@torch.no_grad()
 def score_continuations(model, requests, block_size: int, batch_size: int = 16) -> list:
-    """[(log p(continuation | context), greedy)] for requests [(context ids, continuation ids)], in order.
-
-    Requests are batched by length, right-padded: the model is causal, so padding after a sequence never
-    changes the logits at its positions."""
+    """[(log p(continuation | context), greedy)] for requests [(context ids, continuation ids)], in order, scored
+    in right-padded batches by lib.evaluate.scoring.score_windows."""
     windows = [_window(list(ctx), list(cont), block_size) for ctx, cont in requests]
     results = [(0.0, True) if not cont else None for _, cont in requests]  # an empty continuation: log 1
-    order = sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(windows[i][0]))
+    todo = [i for i, r in enumerate(results) if r is None]
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        width = len(windows[chunk[0]][0])
-        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            inputs[row, : len(windows[i][0])] = torch.tensor(windows[i][0])
-        logits, _ = model(inputs.to(device))
-        for row, i in enumerate(chunk):
-            tokens, n_scored = windows[i]
-            n = len(tokens)
-            targets = torch.tensor(list(requests[i][1]), device=device)
-            # position t predicts token t + 1; log-softmax over the scored positions only (B x T x V floats of
-            # log-probabilities would be gigabytes at GPT-2's vocabulary)
-            rows = F.log_softmax(logits[row, n - n_scored: n].float(), dim=-1)
-            picked = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
-            results[i] = (float(picked.double().sum()), bool((rows.argmax(-1) == targets).all()))
+    scored = score_windows([windows[i] for i in todo], lambda idx: model(idx)[0], device, batch_size, greedy=True)
+    for i, (logprob, greedy) in zip(todo, scored):
+        results[i] = (logprob, bool(greedy))
     return results
 
 
 def _window(context: list, continuation: list, block_size: int):
-    """(input ids, how many of the last positions score the continuation)."""
+    """(the window w: the model reads w[:-1], and the last len(continuation) targets of w[1:] are scored)."""
     if not context:
         raise ValueError("a continuation needs at least one context token to be scored (an end-of-text prefix "
                          "for an empty context)")
     if len(continuation) > block_size:
         raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the block size {block_size}")
-    tokens = (context + continuation)[-(block_size + 1):]
-    return tokens[:-1], len(continuation)
+    return (context + continuation)[-(block_size + 1):], len(continuation)
 
 
 def rolling_windows(tokens: list, prefix_token: int, block_size: int) -> list:
