@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gpt2.model.attention import BACKENDS, build_attention
+from gpt2.model.attention.common import AttentionBase
 from gpt2.model.attention.hooks import RoutingMonitor, cached_composition, refresh_head_routing
 from gpt2.model.attention.gates import Gate, SelfRestart
 from test_attention_helpers import (ALL_BACKENDS, FORM, RA_BACKENDS, attn_settings, explicit_attention, kv_settings,
@@ -200,6 +201,32 @@ def test_head_selective_routing_equals_per_head_paths(backend):
     # Gradients reach both groups.
     y.sum().backward()
     assert m.c_attn.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["ra-fold-full", "ra-fold-lowrank"])
+@pytest.mark.parametrize("disc", [False, True])
+def test_routed_heads_by_permuted_weights_equal_the_reference_and_never_see_the_future(backend, disc):
+    """Without self-restart and KV pruning, routing permutes c_attn's rows and c_proj's columns instead of the
+    activations (RAAttentionBase.forward_routed): forward and every gradient equal the explicit per-head
+    reference in float64, and it matches the activation-gathering path it replaces."""
+    m = build(backend, threshold=0.3, disc=disc)
+    randomize(m, seed=11)
+    with torch.no_grad():
+        m.w_rec.sqrt_weight.copy_(torch.tensor([1.1, 0.2, 0.9, 0.1]))  # RA heads 0 and 2, plain 1 and 3
+    m.refresh_head_routing()
+    assert m.routed_heads == (0, 2)
+    calls = []
+    m.forward_routed = (lambda f: lambda x, ra: calls.append(ra) or f(x, ra))(m.forward_routed)
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    check_against_reference(m, backend, x, dtype=torch.float64, plain_heads=(1, 3), disc=disc)
+    assert calls == [(0, 2)]
+    with torch.no_grad():  # the activation-gathering path it replaces: AttentionBase.forward -> attend_routed
+        assert rel_err(m(x), AttentionBase.forward(m, x)) < 1e-12
+    # Causality: changing the last token changes no earlier output.
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        assert torch.equal(m(x)[:, :-1], m(x2)[:, :-1])
 
 
 def test_routing_packs_groups_and_refreshes():

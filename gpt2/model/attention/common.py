@@ -205,6 +205,44 @@ class RAAttentionBase(AttentionBase):
         """(q~, k~) for the heads idx (q, k already restricted to them). Backends that route define it."""
         raise NotImplementedError
 
+    # Backends whose attention_heads is attend_routed (the folds): routing runs through forward_routed.
+    routes_heads = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ra_heads = self.current_routing() if self.routes_heads and self.kv is None and self.restart is None else None
+        if ra_heads is None:
+            return super().forward(x)
+        return self.forward_routed(x, ra_heads)
+
+    def forward_routed(self, x: torch.Tensor, ra_heads: tuple) -> torch.Tensor:
+        """forward() with the heads split into a plain group and an RA group by permuting weights, not
+        activations. attend_routed gathers q, k, v of each group and scatters y back: ~3 activation-sized
+        copies per group, which made 6 of 12 routed heads cost more than 12 RA heads. Here c_attn's rows
+        are gathered into the order o = (plain heads, RA heads), so the GEMM emits the heads grouped and each
+        group is a view of it; y, in order o, meets c_proj's columns gathered the same way:
+            y_o @ W_proj[:, o]^T = y @ W_proj^T        (a permutation of the summed-over columns)
+        The gathers touch weights (C x 3C and C x C) only. Without self-restart and KV pruning, whose
+        per-head state is in head order (they take attend_routed)."""
+        H, D = self.n_head, self.head_dim
+        plain_heads = tuple(h for h in range(H) if h not in ra_heads)
+        order = torch.tensor(plain_heads + tuple(ra_heads), device=x.device)
+        columns = (order.view(H, 1) * D + torch.arange(D, device=x.device)).view(-1)  # head blocks of C
+        rows = torch.cat([columns + part * self.n_embd for part in range(3)])  # of [q | k | v]
+        bias = self.c_attn.bias
+        bias = None if bias is None else bias.index_select(0, rows)
+        qkv = F.linear(x, self.c_attn.weight.index_select(0, rows), bias)
+        q, k, v = self.split_heads(qkv)
+        n = len(plain_heads)
+        y = []
+        for lo, hi, heads, reciprocal in ((0, n, plain_heads, False), (n, H, ra_heads, True)):
+            if lo < hi:
+                idx = torch.tensor(heads, device=x.device)
+                y.append(self.attend(*self.fold(q[:, lo:hi], k[:, lo:hi], idx, reciprocal), v[:, lo:hi]))
+        y = torch.cat(y, dim=1) if len(y) > 1 else y[0]
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.resid_dropout(F.linear(y, self.c_proj.weight.index_select(1, columns), self.c_proj.bias))
+
     def attend_routed(self, q, k, v):
         """Attention over folded heads. With routing on, RA heads and plain heads (reciprocal part dropped)
         run as two packed calls, reassembled in head order. -> (B, H, T, Dv)"""

@@ -20,6 +20,8 @@ from .gates import fold_cat
 
 
 class RAFoldFullAttention(RAAttentionBase):
+    routes_heads = True  # head-selective routing packs plain and RA heads (RAAttentionBase.forward_routed)
+
     def fold(self, q, k, idx, reciprocal: bool):
         w_std, w_rec = self.head_gates(q.dtype, idx)
         q_std = self.std_query(q, w_std, idx)  # w_std q (+ sqrt(D) w_disc u)

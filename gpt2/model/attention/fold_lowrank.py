@@ -51,6 +51,8 @@ class LowRankMixin:
 
 
 class RAFoldLowRankAttention(LowRankMixin, RAAttentionBase):
+    routes_heads = True  # head-selective routing packs plain and RA heads (RAAttentionBase.forward_routed)
+
     def __init__(self, model: ModelSettings, attn: AttentionSettings, kv: KVPruningSettings, layer_idx: int):
         super().__init__(model, attn, kv, layer_idx)
         self.init_projection(attn.reciprocal_rank)
