@@ -277,7 +277,8 @@ def loop_lines(loop):
         return ["## A matrix cell's own step", "", f"Preset {lw['preset']}: no cell could be built (see the "
                 "failures).", ""]
     lines = ["## A matrix cell's own step", "",
-             f"Preset {lw['preset']}: GPT-2 {lw['n_layer']}x{lw['n_embd']} ({lw['n_head']} heads), T={lw['block_size']}, "
+             f"Preset {lw['preset']}: GPT-2 {lw['n_layer']}x{lw['n_embd']} ({lw['n_head']} heads), "
+             f"T={lw['block_size']}, "
              f"batch {lw['batch_size']} x {lw['grad_accum']} micro-batches, dropout {lw['dropout']}, "
              f"{lw['precision']}, compile {'on' if lw['compile'] else 'off'}, on {lw['device']}. Each variant is the "
              "Run a matrix cell of that step builds for seed 1 (its .config written and validated as the planner "

@@ -14,7 +14,7 @@ from gpt2.train.checkpoint import CheckpointError
 from gpt2.train.trained import WHICH
 from lib.evaluate import evaluate_run, newest_run_dir
 from lib.evaluate.evaluation import DEFAULT_BATCH_SIZE
-from lib.report.writer import configured_results_dir
+from lib.config import configured_results_dir
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     try:
         run_dir = args.run_dir
         if not run_dir:
-            run_dir = newest_run_dir(configured_results_dir(args.config))
+            run_dir = newest_run_dir(configured_results_dir(args.config, default_if_unreadable=True))
             print(f"no RUN given: evaluating the newest run, {run_dir} (RUN=<dir> to choose)")
         record = evaluate_run(run_dir, which=args.checkpoint, limit=args.limit, items_file=args.items,
                               device=args.device, batch_size=args.batch_size)

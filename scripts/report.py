@@ -10,7 +10,8 @@ The report is built only from the files in the directory, so it can be rewritten
 import argparse
 import sys
 
-from lib.report.writer import configured_results_dir, newest_reportable, write_report
+from lib.config import configured_results_dir
+from lib.report.writer import newest_reportable, write_report
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=".config", help="finds the results directory when none is given")
     args = parser.parse_args(argv)
     try:
-        directory = args.directory or newest_reportable(configured_results_dir(args.config))
+        directory = args.directory or newest_reportable(configured_results_dir(args.config, default_if_unreadable=True))
         path = write_report(directory)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

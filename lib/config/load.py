@@ -18,6 +18,7 @@ from gpt2.model.attention.registry import lookup
 from gpt2.settings import Settings, check_budget, component_classes
 from lib.config.environment import apply_environment
 from lib.config.kconfig import ConfigError, load_strict, parse_assignments, read_config_lines
+from lib.config.paths import results_dir
 
 def _selected_choice_value(kconf, prefix):
     candidates = [c for c in kconf.choices if c.syms and all(s.name.startswith(prefix + "_") for s in c.syms)]
@@ -148,6 +149,18 @@ def load_settings(config_path=".config", kconfig_path=None, environ=None) -> Set
     kconf = load_strict(config_path, kconfig_path)
     apply_environment(kconf, os.environ if environ is None else environ)
     return settings_from_kconfig(kconf, config_path)
+
+
+def configured_results_dir(config_path, default_if_unreadable: bool = False) -> Path:
+    """The results directory a .config names (CONFIG_RESULTS_DIR, from the repository root when relative). A
+    config that cannot be read raises ConfigError, or with default_if_unreadable gives the default directory
+    (report and eval look there for runs even without a .config)."""
+    try:
+        return results_dir(load_settings(config_path, environ={}).general)
+    except ConfigError:
+        if not default_if_unreadable:
+            raise
+        return results_dir(Settings().general)
 
 
 def write_effective_config(config_path, out_path, environ=None) -> Settings:

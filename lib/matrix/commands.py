@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from lib import config as cfg
-from lib.config import results_dir
 from lib.matrix import gpus as matrix_gpus
 from lib.matrix import describe as matrix_describe
 from lib.matrix import plan as matrix_plan
@@ -31,10 +30,6 @@ def _defconfig_list(text):
     """--defconfigs "a b,c" -> [a, b, c]; absent or empty (make matrix without DEFCONFIGS) -> None."""
     names = (text or "").replace(",", " ").split()
     return names or None
-
-
-def _results_dir(config_path) -> Path:
-    return results_dir(cfg.load_settings(config_path, environ={}).general)
 
 
 def _preset(args) -> str:
@@ -94,7 +89,7 @@ def cmd_run(args, resume_only=False) -> int:
     have_config = Path(args.config).exists()
     if not have_config and not args.dir:
         raise FileNotFoundError(f"{args.config} not found; pass --config or --dir")
-    results = _results_dir(args.config) if have_config else Path(args.dir).resolve().parent
+    results = cfg.configured_results_dir(args.config) if have_config else Path(args.dir).resolve().parent
     name = _preset(args) if have_config else None
     directory = args.dir
     if resume_only and not directory:
@@ -156,10 +151,10 @@ def cmd_check(args) -> int:
 def _existing_dir(args) -> Path:
     if args.dir:
         return Path(args.dir)
-    found = matrix_state.latest_matrix_dir(_results_dir(args.config), _preset(args))
+    found = matrix_state.latest_matrix_dir(cfg.configured_results_dir(args.config), _preset(args))
     if found is None:
         raise FileNotFoundError(f"no matrix directory of preset {_preset(args)!r} under "
-                                f"{_results_dir(args.config)}; pass --dir")
+                                f"{cfg.configured_results_dir(args.config)}; pass --dir")
     return found
 
 
@@ -188,7 +183,7 @@ def cmd_submit(args) -> int:
     except slurm.SlurmUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = _results_dir(args.config)
+    results = cfg.configured_results_dir(args.config)
     matrix_dir, plan, lock = matrix_state.open_matrix(
         results, _builder(args, os.environ), name=_preset(args), directory=args.dir, new=args.new, force=args.force)
     lock.release()  # array tasks coordinate through cell locks, not the matrix lock
@@ -220,7 +215,7 @@ def cmd_cell(args) -> int:
     """`make cell CELL=<id>`: plan the matrix of --config exactly as `run` does (same defconfigs, same GPT2_*
     budget environment) and train that one cell as a single run in a fresh results/<name>-<id>-<timestamp>/,
     whose config snapshot is the planned cell.config. Nothing of any matrix directory is read or written."""
-    results = _results_dir(args.config)
+    results = cfg.configured_results_dir(args.config)
     with tempfile.TemporaryDirectory(prefix="matrix-cell-") as work:
         plan = _builder(args, os.environ)(Path(work))
         cell = plan.cell(args.cell_id)

@@ -118,9 +118,3 @@ def newest_reportable(results_dir) -> Path:
     return max(candidates, key=last_change)
 
 
-def configured_results_dir(config_path) -> Path:
-    """The results directory a .config names; without a readable config, the default one."""
-    try:
-        return kcfg.results_dir(kcfg.load_settings(config_path, environ={}).general)
-    except kcfg.ConfigError:
-        return kcfg.REPO_ROOT / "results"
