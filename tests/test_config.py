@@ -339,3 +339,9 @@ def test_a_missing_or_broken_kconfig_tree_is_one_line(repo_copy):
     proc = subprocess.run([sys.executable, "-m", "scripts.config", "show"], cwd=repo_copy, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "Kconfig tree" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_symbols_at_default_names_only_values_kconfig_would_pick_itself(make_config):
+    config = make_config({"TRAIN_LR": "6e-4", "SEED": "5", "ATTN_BACKEND_SDPA": "y"})  # Kconfig: 6e-4, 1, sdpa
+    at_default = cfg.symbols_at_default(config, ["TRAIN_LR", "SEED", "ATTN_BACKEND_SDPA", "NO_SUCH_SYMBOL"])
+    assert at_default == {"TRAIN_LR", "ATTN_BACKEND_SDPA"}

@@ -157,6 +157,28 @@ def load_config_file(kconf, config_path) -> None:
         raise ConfigError(f"{config_path}: cannot read it ({error})") from None
 
 
+def symbols_at_default(config_path, symbols) -> set:
+    """Those of `symbols` whose value in the .config at config_path is what Kconfig would pick by itself (the
+    matrix plan leaves them out of a cell's listed difference). The file is one this code wrote and checked."""
+    kconf = load_kconfig()
+    load_config_file(kconf, config_path)
+    same = set()
+    for name in symbols:
+        sym = kconf.syms.get(name)
+        if sym is None:
+            continue
+        target = sym.choice if sym.choice is not None else sym
+        before = target.selection if sym.choice is not None else sym.str_value
+        user = target.user_selection if sym.choice is not None else sym.user_value
+        target.unset_value()
+        after = target.selection if sym.choice is not None else sym.str_value
+        if before is after or before == after:
+            same.add(name)
+        if user is not None:  # put the loaded value back for the next symbol's comparison
+            (user.set_value(2) if sym.choice is not None else sym.set_value(user))
+    return same
+
+
 def did_you_mean(name: str, candidates, prefix: str = "") -> str:
     """' (did you mean X or Y?)' for the candidates closest to a misspelled name (compared without the common
     `prefix`, which would make every name look alike), else those that contain it, else ''."""

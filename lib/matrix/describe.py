@@ -84,27 +84,6 @@ def _sweep_change(key, before, after) -> str:
     return f"{what}: {before} -> {after}"
 
 
-def _at_default(config_path, symbols) -> set:
-    """Those of `symbols` whose value in config_path is what Kconfig would pick by itself."""
-    kconf = kcfg.load_kconfig()
-    kconf.load_config(str(config_path), replace=True)
-    same = set()
-    for name in symbols:
-        sym = kconf.syms.get(name)
-        if sym is None:
-            continue
-        target = sym.choice if sym.choice is not None else sym
-        before = target.selection if sym.choice is not None else sym.str_value
-        user = target.user_selection if sym.choice is not None else sym.user_value
-        target.unset_value()
-        after = target.selection if sym.choice is not None else sym.str_value
-        if before is after or before == after:
-            same.add(name)
-        if user is not None:  # put the loaded value back for the next symbol's comparison
-            (user.set_value(2) if sym.choice is not None else sym.set_value(user))
-    return same
-
-
 def describe_plan(plan: Plan, matrix_dir, parallel: int) -> str:
     """The plan as `check` prints it: cells, config differences, time estimate."""
     base_cell = plan.cells[0]
@@ -124,7 +103,7 @@ def describe_plan(plan: Plan, matrix_dir, parallel: int) -> str:
         values = config_values(cell.config_path(matrix_dir))
         diff = config_difference(base_values, values, members)
         revealed = [s for s in values if s not in base_values and s not in cell.overrides]
-        quiet = _at_default(cell.config_path(matrix_dir), revealed)
+        quiet = kcfg.symbols_at_default(cell.config_path(matrix_dir), revealed)
         shown = [d for d in diff if d.split("=")[0] not in quiet]
         if len(shown) < len(diff):
             shown.append(f"+{len(diff) - len(shown)} at defaults")
