@@ -140,3 +140,45 @@ def test_a_real_matrix_reports_the_commit_budget_and_costs_it_ran_with(make_conf
                 in metrics else "| not recorded |" in row)
         if machine.get("busy") is not None:
             assert (f"| busy: {machine['busy_reason']} |" if machine["busy"] else "| not busy |") in row
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_a_run_from_uncommitted_files_is_found_once_they_are_committed(tmp_path):
+    """The tree id a run records names its files: committed afterwards (or sent to a machine whose git metadata
+    is older), the report finds the commit with exactly those files and checks that one out."""
+    from gpt2.train.run_dir import git_info
+    from lib.report.code import commits_by_tree, ran_code
+    from lib.report.reproduce import checkout
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "model.py").write_text("a = 1\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "first")
+    first = _git(repo, "rev-parse", "HEAD")
+    (repo / "model.py").write_text("a = 2\n")
+    (repo / "new.py").write_text("b = 1\n")
+    env = {"git": git_info(repo)}
+    assert env["git"]["dirty"] and env["git"]["commit"] == first and _git(repo, "status", "--short")  # index intact
+    code = ran_code(env, repo)
+    assert code.dirty and code.commit == first
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "second")
+    second = _git(repo, "rev-parse", "HEAD")
+    commits_by_tree.cache_clear()
+    code = ran_code(env, repo)
+    assert (code.commit, code.recorded, code.dirty) == (second, first, False)
+    (repo / "model.py").write_text("a = 3\n")  # files no commit has
+    assert ran_code({"git": git_info(repo)}, repo).dirty
+    # In this repository: a record made "dirty" on HEAD~ whose files are HEAD's reproduces from HEAD, no warning.
+    head, tree = (_git(cfg.REPO_ROOT, "rev-parse", ref) for ref in ("HEAD", "HEAD^{tree}"))
+    commits_by_tree.cache_clear()
+    command, warning = checkout({"git": {"commit": "0" * 40, "dirty": True, "tree": tree}}, tmp_path)
+    assert command == f"git checkout {head[:12]} && " and warning == ""
+    command, warning = checkout({"git": {"commit": "0" * 40, "dirty": True, "tree": "f" * 40}}, tmp_path)
+    assert command == f"git checkout {'0' * 12} && " and "uncommitted changes" in warning

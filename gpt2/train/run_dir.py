@@ -18,6 +18,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -140,24 +141,43 @@ def read_settings_json(path) -> Settings:
         raise ValueError(f"{path}: cannot be read as settings ({type(exc).__name__}: {exc})") from None
 
 
-def _git(*args, cwd=REPO_ROOT):
+def _git(*args, cwd=REPO_ROOT, env=None):
     try:
-        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout if proc.returncode == 0 else None
 
 
+def working_tree_id(repo_root=REPO_ROOT):
+    """The git tree id of the files as they are (tracked ones, changes included, and untracked ones git does not
+    ignore): what `git add -A && git write-tree` would record, built in a throw-away index, so no index, ref or
+    file of the checkout changes (git stores the blobs, as `git hash-object -w` would). It equals the tree of
+    any commit with exactly these files, so a run made from uncommitted changes, or from a copy whose git
+    metadata is older than its files, still names its code (lib/report/code.py finds that commit). None when
+    git cannot tell."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        if _git("add", "-A", cwd=repo_root, env=env) is None:
+            return None
+        tree = _git("write-tree", cwd=repo_root, env=env)
+    return tree.strip() if tree else None
+
+
 def git_info(repo_root=REPO_ROOT) -> dict:
-    """Commit, and the uncommitted changes as a diff (tracked files) plus untracked file names."""
+    """Commit, the uncommitted changes as a diff (tracked files) plus untracked file names, and the tree id of
+    the files as they are."""
     commit = _git("rev-parse", "HEAD", cwd=repo_root)
     # Against HEAD when there is one (staged + unstaged); a repository with no commit yet diffs the index.
     diff = _git("diff", "HEAD", cwd=repo_root) if commit else _git("diff", cwd=repo_root)
     untracked = _git("ls-files", "--others", "--exclude-standard", cwd=repo_root)
+    dirty = bool(diff) or bool(untracked)
+    tree = working_tree_id(repo_root) if dirty else _git("rev-parse", "HEAD^{tree}", cwd=repo_root)
     return {
         "commit": commit.strip() if commit else None,
         "branch": (_git("rev-parse", "--abbrev-ref", "HEAD", cwd=repo_root) or "").strip() or None,
-        "dirty": bool(diff) or bool(untracked),
+        "dirty": dirty,
+        "tree": tree.strip() if tree else None,
         "diff": diff,
         "untracked": untracked.splitlines() if untracked else [],
     }

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from lib.matrix.state import CONSOLE_LOG
+from lib.report.code import ran_code
 from lib.report.data import baseline_name, machine_load, overrides_text, own_overrides, past_minimum
 from lib.report.evaluation import compared_group, describe_group, hellaswag_columns
 from lib.report.verdicts import max_epochs, measure_text, study_kind, support_lines, throughput_flags
@@ -84,9 +85,13 @@ def describe_hardware(records) -> str:
 def describe_git(records) -> str:
     commits = {}
     for r in records:
-        git = (r.env or {}).get("git") or {}
-        if git:
-            key = (git.get("commit") or "no commit")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+        if (r.env or {}).get("git"):
+            code = ran_code(r.env)
+            key = (code.commit or "no commit")[:12]
+            if code.dirty:
+                key += " (uncommitted changes)"
+            elif not code.same_as_recorded:
+                key += f" (ran as uncommitted changes on {(code.recorded or 'no commit')[:12]}; same files)"
             commits[key] = commits.get(key, 0) + 1
     if not commits:
         return "unknown"

@@ -19,6 +19,7 @@ from pathlib import Path
 from lib import config as kcfg
 from lib.matrix.describe import config_difference
 from lib.matrix.plan import PLAN_FILE, config_values
+from lib.report.code import ran_code
 from gpt2.io import CONFIG_NAME, ENV_NAME
 
 # The snapshot's header line naming the overrides folded in (lib.config.load.write_effective_config).
@@ -42,13 +43,14 @@ def _is_preset(name) -> bool:
 
 
 def checkout(env: dict, where) -> tuple:
-    """("git checkout <commit> && " or "", warning or ""), from env.json's git record."""
-    git = (env or {}).get("git") or {}
-    if not git.get("commit"):
+    """("git checkout <commit> && " or "", warning or ""), from env.json's git record: the commit with the files
+    that ran (lib/report/code.py), else the recorded one with a warning."""
+    code = ran_code(env)
+    if not code.commit:
         return "", "commit not recorded (no env.json with git info): run it from the commit it used"
     warning = (f"uncommitted changes: the checkout lacks them; the diff is in `{_shown(Path(where) / ENV_NAME)}` "
-               f"(git.diff)") if git.get("dirty") else ""
-    return f"git checkout {git['commit'][:12]} && ", warning
+               f"(git.diff)") if code.dirty else ""
+    return f"git checkout {code.commit[:12]} && ", warning
 
 
 def matches_preset(config_path, preset, ignore=()) -> bool:
