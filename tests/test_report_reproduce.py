@@ -150,7 +150,7 @@ def _git(repo, *args):
 def test_a_run_from_uncommitted_files_is_found_once_they_are_committed(tmp_path):
     """The tree id a run records names its files: committed afterwards (or sent to a machine whose git metadata
     is older), the report finds the commit with exactly those files and checks that one out."""
-    from gpt2.train.run_dir import git_info
+    from gpt2.train.run_dir import UNTRACKED_TREE_LIMIT_BYTES, git_info
     from lib.report.code import commits_by_tree, ran_code
     from lib.report.reproduce import checkout
 
@@ -175,6 +175,10 @@ def test_a_run_from_uncommitted_files_is_found_once_they_are_committed(tmp_path)
     assert (code.commit, code.recorded, code.dirty) == (second, first, False)
     (repo / "model.py").write_text("a = 3\n")  # files no commit has
     assert ran_code({"git": git_info(repo)}, repo).dirty
+    big = repo / "left-behind.bin"  # untracked data past the limit: no tree id, nothing copied into .git
+    with open(big, "wb") as f:
+        f.truncate(UNTRACKED_TREE_LIMIT_BYTES + 1)
+    assert git_info(repo)["tree"] is None and ran_code({"git": git_info(repo)}, repo).dirty
     # In this repository: a record made "dirty" on HEAD~ whose files are HEAD's reproduces from HEAD, no warning.
     head, tree = (_git(cfg.REPO_ROOT, "rev-parse", ref) for ref in ("HEAD", "HEAD^{tree}"))
     commits_by_tree.cache_clear()

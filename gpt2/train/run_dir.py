@@ -149,13 +149,25 @@ def _git(*args, cwd=REPO_ROOT, env=None):
     return proc.stdout if proc.returncode == 0 else None
 
 
-def working_tree_id(repo_root=REPO_ROOT):
+UNTRACKED_TREE_LIMIT_BYTES = 64 << 20  # larger untracked files (data someone left in the tree): no tree id
+
+
+def working_tree_id(repo_root=REPO_ROOT, untracked=()):
     """The git tree id of the files as they are (tracked ones, changes included, and untracked ones git does not
     ignore): what `git add -A && git write-tree` would record, built in a throw-away index, so no index, ref or
     file of the checkout changes (git stores the blobs, as `git hash-object -w` would). It equals the tree of
     any commit with exactly these files, so a run made from uncommitted changes, or from a copy whose git
     metadata is older than its files, still names its code (lib/report/code.py finds that commit). None when
-    git cannot tell."""
+    git cannot tell, or when the untracked files (paths relative to repo_root) hold more than
+    UNTRACKED_TREE_LIMIT_BYTES: git would copy them into its object store at every run's start."""
+    size = 0
+    for name in untracked:
+        try:
+            size += (Path(repo_root) / name).stat().st_size
+        except OSError:
+            pass
+    if size > UNTRACKED_TREE_LIMIT_BYTES:
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
         if _git("add", "-A", cwd=repo_root, env=env) is None:
@@ -172,14 +184,15 @@ def git_info(repo_root=REPO_ROOT) -> dict:
     diff = _git("diff", "HEAD", cwd=repo_root) if commit else _git("diff", cwd=repo_root)
     untracked = _git("ls-files", "--others", "--exclude-standard", cwd=repo_root)
     dirty = bool(diff) or bool(untracked)
-    tree = working_tree_id(repo_root) if dirty else _git("rev-parse", "HEAD^{tree}", cwd=repo_root)
+    untracked = untracked.splitlines() if untracked else []
+    tree = working_tree_id(repo_root, untracked) if dirty else _git("rev-parse", "HEAD^{tree}", cwd=repo_root)
     return {
         "commit": commit.strip() if commit else None,
         "branch": (_git("rev-parse", "--abbrev-ref", "HEAD", cwd=repo_root) or "").strip() or None,
         "dirty": dirty,
         "tree": tree.strip() if tree else None,
         "diff": diff,
-        "untracked": untracked.splitlines() if untracked else [],
+        "untracked": untracked,
     }
 
 
