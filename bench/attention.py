@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Bench, gpu_slug, workload
+from bench.common import Bench, allow_many_compiled_models, gpu_slug, workload
+from gpt2.train.step import use_tf32
 from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
 from bench.op import run_op_section
 from bench.render import write_report
@@ -106,14 +107,10 @@ def main(argv=None) -> int:
               "--smoke runs every measurement once on tiny CPU sizes)")
         return 0
     device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
     w = workload(args.smoke)
     bench = Bench(device, args.smoke, args.budget_s)
-    for limit in ("recompile_limit", "cache_size_limit"):  # many models and modules share code objects
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, 64)
+    allow_many_compiled_models()
 
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -14,7 +14,7 @@ import traceback
 
 import torch
 
-from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings, OptimizerSettings
 
 BACKENDS = ["sdpa", "ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
 FAST_RA = ["ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
@@ -37,6 +37,20 @@ def attention_settings(variant, rank, threshold=0.0):
     return dataclasses.replace(AttentionSettings(), backend=backend, reciprocal_rank=rank, gate_granularity="per-head",
                                w_std_init=1.0, w_rec_init=0.5, head_select_threshold=threshold,
                                discoverability=extra == "disc", reciprocal_form="untied" if extra == "untied" else "")
+
+
+# Every benchmark's optimizer: fused AdamW as GPT-2 trains (SPAM off), at lr 6e-4.
+BENCH_OPTIMIZER = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
+                                    spam_reset_interval=0, spam_warmup=0)
+BENCH_LR = 6e-4
+
+
+def allow_many_compiled_models() -> None:
+    """Raise dynamo's recompile limits: a benchmark compiles many models and modules that share code objects,
+    and past the default limit dynamo would fall back to eager for the later ones."""
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
 
 
 NO_KV = KVPruningSettings()  # the defaults: pruning off

@@ -22,7 +22,6 @@ A timing is the slowest rank's. tokens/s counts every rank's tokens; scaling = d
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,7 +31,8 @@ import torch
 
 from gpt2.io import REPO_ROOT, atomic_write_json, atomic_write_text
 
-from .common import NO_KV, STANDARD_MLP, attention_settings, gpu_slug, model_settings
+from .common import BENCH_LR, BENCH_OPTIMIZER, NO_KV, STANDARD_MLP, allow_many_compiled_models, attention_settings, \
+    gpu_slug, model_settings
 from .step import FixedBatches, bracket_sequence, bracketed_ratios, summarize
 
 MODULE = "scripts.bench_ddp"
@@ -53,7 +53,6 @@ class Variant:
 
     def __init__(self, name, w, dctx, accum):
         from gpt2.model.gpt import GPT
-        from gpt2.settings import OptimizerSettings
         from gpt2.train import distributed
         from gpt2.train.optim import build_optimizer
 
@@ -61,9 +60,7 @@ class Variant:
         settings = model_settings(w["n_layer"], w["n_head"], w["n_embd"], w["block_size"])
         self.raw = GPT(settings, attention_settings(backend, RANK), STANDARD_MLP, NO_KV, w["vocab_size"],
                        seed=1).to(dctx.device)
-        opt = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
-                                spam_reset_interval=0, spam_warmup=0)
-        self.optimizer = build_optimizer(self.raw, opt, 6e-4, dctx.device.type)
+        self.optimizer = build_optimizer(self.raw, BENCH_OPTIMIZER, BENCH_LR, dctx.device.type)
         self.compiled = torch.compile(self.raw) if w["compile"] else self.raw
         composed = self.raw.composed_parameters() if accum > 1 else []
         self.ddp = distributed.wrap_ddp(self.compiled, dctx, reduce_self=composed)
@@ -87,23 +84,19 @@ class Variant:
         return lambda: step(self.batches)
 
 
-def sync(dctx):
-    if dctx.device.type == "cuda":
-        torch.cuda.synchronize(dctx.device)
-
-
 def timed(dctx, step, steps, alone) -> float:
     """ms per optimizer step, the slowest rank's; alone: rank 0 steps while the others wait."""
     from gpt2.train import distributed
+    from gpt2.train.step import sync
 
     ms = 0.0
     if dctx.rank == 0 or not alone:
         step()  # untimed: switching models costs no one's timing
-        sync(dctx)
+        sync(dctx.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        sync(dctx)
+        sync(dctx.device)
         ms = 1000 * (time.perf_counter() - t0) / steps
     return distributed.all_reduce_max(dctx, ms)
 
@@ -111,12 +104,13 @@ def timed(dctx, step, steps, alone) -> float:
 def measure(dctx, steps_by_variant, w, alone, tokens_per_step) -> dict:
     """Bracketed interleaved rounds over the variants (sdpa first) -> summarize()'s results."""
     from gpt2.train import distributed
+    from gpt2.train.step import sync
 
     results = {v: {"rounds_ms": []} for v in steps_by_variant}
     for _ in range(w["warmup"]):  # every rank, also when rank 0 is timed alone: they compile at the same time
         for step in steps_by_variant.values():
             step()
-    sync(dctx)
+    sync(dctx.device)
     distributed.barrier(dctx)
     for i in range(w["rounds"]):
         sequence = bracket_sequence(list(steps_by_variant), i)
@@ -131,17 +125,13 @@ def measure(dctx, steps_by_variant, w, alone, tokens_per_step) -> dict:
 
 def run_worker(args) -> int:
     from gpt2.train import distributed
-    from gpt2.train.step import effective_precision
+    from gpt2.train.step import effective_precision, use_tf32
 
     dctx = distributed.setup("cpu" if args.smoke else "cuda")
     if dctx.world_size < 2:
         raise SystemExit("bench-ddp: needs at least 2 processes (it re-launches itself under torchrun)")
-    if dctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    for limit in ("recompile_limit", "cache_size_limit"):  # several models share the model's code objects
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, 64)
+    use_tf32(dctx.device)
+    allow_many_compiled_models()
     w = workload(args.smoke)
     micro_tokens = w["batch_size"] * w["block_size"]
     t0 = time.perf_counter()

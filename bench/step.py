@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from gpt2.io import atomic_write_text
-from gpt2.settings import OptimizerSettings
 
-from .common import NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings, autocast, model_settings
+from .common import BENCH_LR, BENCH_OPTIMIZER, NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings, autocast, \
+    model_settings
 
 # Whole-step variants, in the order they are compiled (the goal backends first, in case the budget runs out).
 # ra-reference is left out: its T x T tensors for 12 layers at batch 16 are slow by design.
@@ -45,9 +45,7 @@ def build_training(variant, w, device, compile_model):
     settings = model_settings(s["n_layer"], s["n_head"], s["n_embd"], s["block_size"])
     model = GPT(settings, attention_settings(variant, w["rank"]), STANDARD_MLP, NO_KV, s["vocab_size"], seed=1)
     model = apply_variant_flags(model.to(device), variant)
-    opt = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
-                            spam_reset_interval=0, spam_warmup=0)
-    optimizer = build_optimizer(model, opt, 6e-4, device.type)
+    optimizer = build_optimizer(model, BENCH_OPTIMIZER, BENCH_LR, device.type)
     # "reduce-overhead": CUDA graphs (the forward and backward each replay as one launch; bench/sizes.py)
     mode = w.get("compile_mode", "default")
     forward = torch.compile(model, mode=None if mode == "default" else mode) if compile_model else model

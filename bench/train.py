@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from gpt2.train.metrics import flops_per_token, peak_flops
 from gpt2.model.gpt import GPT
 from gpt2.train.optim import build_optimizer
-from gpt2.train.step import TrainStep
+from gpt2.train.step import TrainStep, sync, use_tf32
 from gpt2.io import atomic_write_json, atomic_write_text
-from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings, OptimizerSettings
+from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 from lib.report.markdown import md_table
 
-from bench.common import gpu_slug
+from bench.common import BENCH_LR, BENCH_OPTIMIZER, gpu_slug
 
 GOAL_TOKENS_PER_S = 440_000
 GOAL_RATIO = 0.95
@@ -145,9 +145,7 @@ def ours_step_fn(w, device):
                              block_size=w["block_size"], dropout=0.0, bias=True, tie_weights=True,
                              init_from="scratch", hf_checkpoint_dir="")
     model = GPT(settings, AttentionSettings(), MLPSettings(), KVPruningSettings(), w["vocab_size"], seed=1).to(device)
-    opt_settings = OptimizerSettings(name="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, spam_theta=0.0,
-                                     spam_reset_interval=0, spam_warmup=0)
-    optimizer = build_optimizer(model, opt_settings, 6e-4, device.type)
+    optimizer = build_optimizer(model, BENCH_OPTIMIZER, BENCH_LR, device.type)
     fwd = torch.compile(model) if w["compile"] else model
     trainer_step = TrainStep(fwd, model, optimizer, device=device, precision=w["precision"], grad_accum=1,
                              grad_clip=1.0)
@@ -156,11 +154,6 @@ def ours_step_fn(w, device):
 
 
 # ---- measurement ----------------------------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def measure(name, build, w, device, warmup, steps, repeats) -> dict:
     """Compile + warm up, then `repeats` rounds of `steps` steps; median ms/step over the rounds."""
@@ -252,9 +245,7 @@ def main(argv=None) -> int:
     steps = args.steps or (3 if args.smoke else 20)
     repeats = args.repeats or (2 if args.smoke else 5)
     warmup = args.warmup or (1 if args.smoke else 10)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
 
     ours = measure("ours", ours_step_fn, w, device, warmup, steps, repeats)
     bare = measure("bare", bare_step_fn, w, device, warmup, steps, repeats)

@@ -29,6 +29,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def use_tf32(device: torch.device) -> None:
+    """float32 matmuls and convolutions on CUDA in TF32 (the trainer's and the benchmarks' setting)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class TrainStep:
     """One optimizer step: grad_accum micro-batches of forward/backward, clipping, update, zero_grad.
 

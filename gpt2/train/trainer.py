@@ -34,7 +34,7 @@ from gpt2.train.machine import MachineLoad
 from gpt2.train.run_dir import SETTINGS_NAME, RunDirError, RunLock, prepare_run_dir, write_env_json, \
     write_settings_json
 from gpt2.train.signals import Interrupted, StopSignals, exit_code, signal_name
-from gpt2.train.step import TrainStep, effective_precision
+from gpt2.train.step import TrainStep, effective_precision, use_tf32
 from gpt2.train.summary import closing_line, record_outcome, summary
 from gpt2.train.tracking import build_tracker
 
@@ -120,9 +120,7 @@ class Run:
                 write_settings_json(self.run_dir, s)
         self.device = dctx.device
         self.precision = effective_precision(self.device, s.general.precision)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        use_tf32(self.device)
         ckpt.seed_everything(s.general.seed + dctx.rank)
 
     def prepare_data(self):
