@@ -52,6 +52,21 @@ def make_config(tmp_path):
     return build
 
 
+def keep_checkpoint_at(monkeypatch, iters: int, copy_to: Path) -> None:
+    """From now until monkeypatch.undo(), the ckpt.pt a run saves at iteration `iters` is also copied to copy_to:
+    the run's directory as a crash right after that checkpoint would have left it."""
+    from gpt2.train import checkpoint as ckpt
+
+    real_save = ckpt.save_checkpoint
+
+    def save_and_keep(path, **kw):
+        real_save(path, **kw)
+        if kw["progress"]["iters"] == iters:
+            shutil.copy(path, copy_to)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_keep)
+
+
 def shared_data_dir() -> Path:
     """Prepared datasets are reused across tests (preparation is idempotent)."""
     return REPO_ROOT / "data"

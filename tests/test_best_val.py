@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import keep_checkpoint_at
 from gpt2.io import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, read_jsonl
 from gpt2.train import checkpoint as ckpt
 from gpt2.train import trainer as train
@@ -86,14 +87,8 @@ def test_a_best_checkpoint_newer_than_the_resumed_one_is_replaced_by_the_resumed
     (at a learning rate that never improves again), ckpt-best.pt must be iter 4's weights, the best the resumed
     run knows, not the abandoned iter 8's."""
     config = make_config({**SESSION, "TRAIN_EVAL_INTERVAL": "2", "TRAIN_CHECKPOINT_INTERVAL": "4"})
-    saved_mid, real_save = tmp_path / "mid.pt", ckpt.save_checkpoint
-
-    def save_and_keep_mid(path, **kw):
-        real_save(path, **kw)
-        if kw["progress"]["iters"] == 4:
-            shutil.copy(path, saved_mid)
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_keep_mid)
+    saved_mid = tmp_path / "mid.pt"
+    keep_checkpoint_at(monkeypatch, 4, saved_mid)
     straight = tmp_path / "straight"
     assert train_in_process(config, straight) == 0
     monkeypatch.undo()

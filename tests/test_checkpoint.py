@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import keep_checkpoint_at
 from gpt2.train import checkpoint as ckpt
 from gpt2.train import trainer as train
 from gpt2 import io as runs
@@ -33,14 +34,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(make_config, tmp_path
                           "MODEL_DROPOUT": "0.1", "OPTIMIZER_ADAMW_SPAM": "y", "OPT_SPAM_RESET_INTERVAL": "5",
                           "OPT_SPAM_WARMUP": "2"})
     saved_mid = tmp_path / "mid.pt"
-    real_save = ckpt.save_checkpoint
-
-    def save_and_keep_mid(path, **kw):
-        real_save(path, **kw)
-        if kw["progress"]["iters"] == 6:
-            shutil.copy(path, saved_mid)
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_keep_mid)
+    keep_checkpoint_at(monkeypatch, 6, saved_mid)
     straight = tmp_path / "straight"
     assert train_in_process(config, straight) == 0
     monkeypatch.undo()
