@@ -43,7 +43,7 @@ import torch
 from bench.common import Bench, allow_many_compiled_models, gpu_slug, workload
 from gpt2.train.step import use_tf32
 from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
-from bench.op import run_op_section
+from bench.op import op_variants, run_op_section
 from bench.render import write_report
 from bench.report import DEFAULT_SECTIONS, SECTIONS, earlier_report, empty_sections, finalize, keep_earlier_sizes, \
     merge_earlier
@@ -68,11 +68,14 @@ def parse_args(argv):
     parser.add_argument("--step-rounds", type=int, default=15,
                         help="timing rounds of the step section (each times every variant once, 10 steps)")
     parser.add_argument("--profile", default="", metavar="VARIANTS",
-                        help="comma-separated whole-step variants (step section) or ablation steps (loop section) "
-                             "whose kernel and host tables (CUDA) are written to the output directory as "
-                             "profile-<variant>.txt, resp. profile-loop-<step>.txt")
+                        help="comma-separated whole-step variants (step and sizes sections) or ablation steps (loop "
+                             "section) whose kernel and host tables (CUDA) are written to the output directory as "
+                             "profile-<variant>.txt, profile-<size>-<mode>-<variant>.txt, resp. profile-loop-<step>.txt")
     parser.add_argument("--step-variants", default=",".join(STEP_VARIANTS),
                         help="comma-separated whole-step variants (backend or backend+disc); sdpa is the baseline")
+    parser.add_argument("--op-variants", default=None, metavar="LABELS",
+                        help="op and layer sections: semicolon-separated row labels to measure (default all), e.g. "
+                             "'sdpa;ra-fold-full;ra-fold-full, 6/12 heads routed'")
     parser.add_argument("--sizes", default=None, metavar="NAMES",
                         help="sizes section: comma-separated model sizes (mini,124M,350M; default all)")
     parser.add_argument("--compile-modes", default=None, metavar="MODES",
@@ -95,6 +98,11 @@ def parse_args(argv):
         parser.error(f"--accum {args.accum} must be >= 1")
     if args.step_rounds < 1:
         parser.error(f"--step-rounds {args.step_rounds} must be >= 1")
+    args.op_variants = args.op_variants and [v.strip() for v in args.op_variants.split(";") if v.strip()]
+    unknown = set(args.op_variants or []) - {label for label, _, _ in op_variants()}
+    if unknown:
+        parser.error(f"--op-variants: unknown label(s) {sorted(unknown)}; choose from "
+                     + "; ".join(label for label, _, _ in op_variants()))
     if args.skip_step:
         sections.discard("step")
     return args, sections
@@ -130,8 +138,8 @@ def main(argv=None) -> int:
         variants.insert(0, "sdpa")
     runners = {
         "sdpa": lambda: run_sdpa_section(bench, w),
-        "op": lambda: run_op_section(bench, w, "op"),
-        "layer": lambda: run_op_section(bench, w, "layer"),
+        "op": lambda: run_op_section(bench, w, "op", args.op_variants),
+        "layer": lambda: run_op_section(bench, w, "layer", args.op_variants),
         "gates": lambda: run_gate_section(bench, w),
         "kv": lambda: run_kv_section(bench, w),
         "step": lambda: run_step_section(bench, w, variants, rounds=args.step_rounds,
@@ -141,7 +149,9 @@ def main(argv=None) -> int:
         "sizes": lambda: keep_earlier_sizes(
             run_sizes_section(bench, w, args.sizes and args.sizes.split(","),
                               args.compile_modes and args.compile_modes.split(","),
-                              args.size_variants and args.size_variants.split(",")),
+                              args.size_variants and args.size_variants.split(","),
+                              profile_dir=args.out_dir if args.profile else None,
+                              profile_variants=args.profile.split(",")),
             earlier, report["date"]),
         "loop": lambda: run_loop_section(bench, args.loop_preset or LOOP_PRESETS[args.smoke],
                                          args.loop_steps and args.loop_steps.split(","),

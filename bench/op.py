@@ -62,13 +62,13 @@ def measure_layer(bench, module, fn, shape):
     return time_fwd_and_bwd(bench, forward, [x] + list(module.parameters()))
 
 
-def run_op_section(bench, w, name):
-    """Every op variant at every shape, eager and (COMPILED_OP_VARIANTS) compiled."""
+def run_op_section(bench, w, name, labels=None):
+    """Every op variant (or those of `labels`) at every shape, eager and (COMPILED_OP_VARIANTS) compiled."""
     shapes = w["op_shapes"]
     H, D = shapes[0][1], shapes[0][3]
     T_max = max(shape[2] for shape in shapes)
     rows = {}
-    for label, variant, routed in op_variants():
+    for label, variant, routed in [v for v in op_variants() if labels is None or v[0] in labels]:
         torch._dynamo.reset()  # each variant compiles from scratch (no recompile-limit fallback to eager)
         module = bench.attempt(f"{name} {label}: build",
                                lambda: build_module(variant, routed, H, D, T_max, w["rank"], bench.device))

@@ -2,6 +2,7 @@
 into the report already on disk."""
 
 import json
+import re
 from pathlib import Path
 
 from .common import FAST_RA, MODES
@@ -11,7 +12,9 @@ GOALS = {
     "op_fold_full_t4096": 1.6,                        # attention op fwd+bwd at T4096, x SDPA
     "disc_overhead": 1.05,                            # discoverability vs the same backend without it
     "kv_sampled_speedup_16k": 5.0,                    # exact / sampled selection time at T=16K
+    "routing_slack": 1.05,                            # routed k of H heads vs the head-weighted mix of the paths
 }
+ROUTED = re.compile(r"^(?P<backend>.+), (?P<k>\d+)/(?P<H>\d+) heads routed$")
 
 # The original study's optimisation ladder (their figures, measured on a smaller GPU), and which of our
 # numbers answers each rung.
@@ -65,6 +68,24 @@ def best(row, key):
     return value if value is not None else row.get(f"eager_{key}")
 
 
+def routing_goals(rows, section, verdict) -> dict:
+    """Head-selective routing pays for itself: with k of H heads on an RA path that costs r x SDPA when every
+    head takes it, the compiled fwd+bwd may cost at most ((H - k) + k r) / H x routing_slack (issue 17)."""
+    goals = {}
+    for row in rows:
+        m = ROUTED.match(row["label"])
+        if not m:
+            continue
+        k, H, T = int(m["k"]), int(m["H"]), row["shape"][2]
+        whole = best(find(rows, m["backend"], T), "fwd_bwd_ratio")
+        limit = None if whole is None else ((H - k) + k * whole) / H * GOALS["routing_slack"]
+        result = verdict(best(row, "fwd_bwd_ratio"), limit)
+        bound = "n/a" if limit is None else f"{limit:.2f}x"
+        goals[f"{row['label']} ({section} fwd+bwd, B{row['shape'][0]} T{T}) <= {bound} (head-weighted mix of "
+              f"{m['backend']} and SDPA + 5%)"] = result
+    return goals
+
+
 def evaluate_goals(report):
     step = report["step"]["variants"] if report.get("step") else {}
     op = report["op"]
@@ -95,6 +116,8 @@ def evaluate_goals(report):
     if step.get("ra-unified+disc", {}).get("ms_per_step") and step.get("ra-unified", {}).get("ms_per_step"):
         goals["discoverability adds <= 5% (ra-unified whole step)"] = verdict(
             step["ra-unified+disc"]["ms_per_step"] / step["ra-unified"]["ms_per_step"], GOALS["disc_overhead"])
+    for section in ("op", "layer"):
+        goals.update(routing_goals(report.get(section) or [], section, verdict))
     kv16 = next((r for r in report["kv"]["rows"] if r["T"] == 16384), None) if report.get("kv") else None
     speedups = [kv16.get(f"{mode}_speedup") for mode in MODES] if kv16 else []
     speedups = [x for x in speedups if x is not None]

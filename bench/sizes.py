@@ -10,7 +10,7 @@ results/bench/attention-nvidia-h200.md) CUDA graphs made no size faster, so the 
 
 import torch
 
-from .step import build_and_time, build_step, summarize
+from .step import build_and_time, build_step, profile_step, summarize
 
 # (name, model) for every size a preset trains: the offline GPU presets' GPT-2 mini, the RA study's 124M and
 # the 350M the README's scaling notes quote. vocab 50304: GPT-2's BPE padded as the trainer pads it.
@@ -24,8 +24,10 @@ SIZE_VARIANTS = ["sdpa", "ra-unified", "sdpa+again", "ra-same-flop"]
 SMOKE_SIZE = ("smoke", dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=2))
 
 
-def run_sizes_section(bench, w, sizes=None, modes=None, variants=None, rounds=15, warmup=3, steps=10):
-    """[{size, mode, workload, variants}] for every size x compile mode (names from SIZES / COMPILE_MODES)."""
+def run_sizes_section(bench, w, sizes=None, modes=None, variants=None, rounds=15, warmup=3, steps=10, profile_dir=None,
+                      profile_variants=()):
+    """[{size, mode, workload, variants}] for every size x compile mode (names from SIZES / COMPILE_MODES);
+    profile_variants' kernel and host tables go to profile_dir as profile-<size>-<mode>-<variant>.txt (CUDA)."""
     chosen = [SMOKE_SIZE] if bench.smoke else [s for s in SIZES if sizes is None or s[0].split()[0] in sizes]
     modes = ["default"] if bench.smoke else (modes or COMPILE_MODES)
     if bench.smoke:
@@ -38,6 +40,10 @@ def run_sizes_section(bench, w, sizes=None, modes=None, variants=None, rounds=15
             results, built = build_and_time(bench, sw, variants or SIZE_VARIANTS,
                                             lambda v, sw=sw: build_step(v, sw, bench.device, sw["compile"]),
                                             f"sizes {name} {mode}", warmup, rounds, steps)
+            if profile_dir is not None and bench.device.type == "cuda":
+                for variant in [v for v in built if v in profile_variants]:
+                    label = f"{name.split()[0]} {mode} {variant}"
+                    bench.attempt(f"profile {label}", lambda s=built[variant], l=label: profile_step(s, l, profile_dir))
             summarize(results, shape["batch_size"] * shape["block_size"])
             built.clear()
             torch._dynamo.reset()  # each size compiles afresh; the graphs of the last one are not needed

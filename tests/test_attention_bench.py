@@ -140,3 +140,21 @@ def test_a_partial_sizes_run_keeps_the_blocks_it_did_not_measure():
         [("mini", "d1", 1.0), ("350M", "d2", 4.0)]
     assert keep_earlier_sizes([block("mini", "default", 2.0)], {}, "d3") == [{**block("mini", "default", 2.0),
                                                                              "date": "d3"}]
+
+
+def test_routing_is_judged_against_the_head_weighted_mix_of_its_two_paths():
+    # Issue 17's example: 3 of 12 heads on a path that costs 1.46x for all heads -> at most 1.17x.
+    from bench.report import evaluate_goals
+
+    def row(label, ratio, T=4096):
+        return {"label": label, "shape": [2, 12, T, 64], "compiled_fwd_bwd_ratio": ratio}
+
+    rows = [row("sdpa", 1.0), row("ra-fold-full", 1.46), row("ra-fold-full, 3/12 heads routed", 1.16),
+            row("ra-fold-lowrank", 1.5), row("ra-fold-lowrank, 6/12 heads routed", 1.40)]
+    report = {"step": None, "op": [], "layer": rows, "kv": {"rows": []}, "workload": {"op_shapes": [[2, 12, 4096, 64]]}}
+    goals = {name: v for name, v in evaluate_goals(report).items() if "routed" in name}
+    full = next(v for name, v in goals.items() if name.startswith("ra-fold-full, 3/12"))
+    assert full["goal"] == pytest.approx((9 + 3 * 1.46) / 12 * 1.05) and full["met"] is True
+    assert "<= 1.17x" in next(name for name in goals if name.startswith("ra-fold-full, 3/12"))
+    lowrank = next(v for name, v in goals.items() if name.startswith("ra-fold-lowrank, 6/12"))
+    assert lowrank["goal"] == pytest.approx((6 + 6 * 1.5) / 12 * 1.05) and lowrank["met"] is False
