@@ -36,6 +36,9 @@ METRICS_NAME = "metrics.json"
 CHECKPOINT_NAME = "ckpt.pt"
 # the weights at the lowest validation loss so far (what sample/eval/export read when it exists)
 BEST_CHECKPOINT_NAME = "ckpt-best.pt"
+# Start of the line a trainer logs once its warm-up steps (compilation) are done: the matrix scheduler waits for
+# it before starting another cell of the same architecture, which then finds the compiler's cache warm.
+WARM_MARK = "warm-up done"
 
 
 # ---- atomic writes ------------------------------------------------------------

@@ -206,6 +206,78 @@ def test_gpu_pool_runs_floor_n_over_g_cells_pinned_to_disjoint_gpus(matrix_confi
         matrix_gpus.check_feasible(plan.cells, ["0"])
 
 
+# Prints the trainer's warm-up line after a "compilation" of 0.6 s, then trains 0.8 s more.
+COMPILING_TRAINER = """
+import json, os, sys, time
+run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+start = time.time()
+time.sleep(0.6)
+warm = time.time()
+print("WARM_MARK: 2 step(s) in 0.6s", flush=True)
+time.sleep(0.8)
+with open(os.path.join(run_dir, "span.json"), "w") as f:
+    json.dump({"start": start, "warm": warm, "end": time.time()}, f)
+with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+    json.dump({"status": "done", "final_val_loss": 1.0}, f)
+"""
+
+
+def test_a_variant_compiles_once_before_its_other_cells_start_and_others_fill_the_gpus(matrix_config, tmp_path):
+    from gpt2.io import WARM_MARK
+
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(COMPILING_TRAINER.replace("WARM_MARK", WARM_MARK))
+    config = matrix_config("V0,V1", "1,2,3", DEVICE_CUDA="y", TORCH_COMPILE="y")
+    matrix_dir = tmp_path / "m"
+    plan = build_plan(config, matrix_dir)
+    save_plan(plan, matrix_dir)
+    assert all(c.compiles for c in plan.cells)
+    options = matrix_run.RunOptions(gpu_ids=["0", "1", "2", "3", "4", "5"], train_command=[sys.executable, str(fake)],
+                                    echo=False, poll_s=0.05)
+    outcome = matrix_run.run_matrix(matrix_dir, plan, options)
+    assert len(outcome.done) == 6 and not outcome.failed
+    span = {c.id: json.loads((c.run_dir(matrix_dir) / "span.json").read_text()) for c in plan.cells}
+    for variant in ("V0", "V1"):
+        first = span[f"{variant}-s1"]
+        for seed in (2, 3):  # after the first cell's warm-up, not after its end: GPUs were free all along
+            assert first["warm"] <= span[f"{variant}-s{seed}"]["start"] < first["end"], (variant, seed, span)
+    assert span["V1-s1"]["start"] < span["V0-s1"]["warm"]  # the other variant took a free GPU meanwhile
+    # Without compilation nothing waits: 3 cells of one variant start together.
+    config = matrix_config("V0", "1,2,3", DEVICE_CUDA="y", TORCH_COMPILE="n")
+    plan = build_plan(config, tmp_path / "n")
+    save_plan(plan, tmp_path / "n")
+    assert not any(c.compiles for c in plan.cells)
+    assert len(matrix_run.run_matrix(tmp_path / "n", plan, options).done) == 3
+    span = [json.loads((c.run_dir(tmp_path / "n") / "span.json").read_text()) for c in plan.cells]
+    assert max(s["start"] for s in span) < min(s["warm"] for s in span)
+
+
+def test_a_runner_that_never_started_cuda_may_fork_cells_that_use_it():
+    assert matrix_process.ForkedTrainer.cuda_fork_safe()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="GPU cells need a CUDA GPU")
+def test_gpu_cells_fork_from_the_runner_and_train_on_their_own_gpus(matrix_config, tmp_path):
+    import torch
+
+    config = matrix_config("V0,V1", "1,2", DEVICE_CUDA="y", TORCH_COMPILE="y")
+    proc = cli("run", "--config", config, "--dir", tmp_path / "m", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    plan = matrix_plan.load_plan(tmp_path / "m")
+    gpus = set()
+    for cell in plan.cells:
+        console = (cell.run_dir(tmp_path / "m") / "console.log").read_text()
+        assert "(forked from the matrix runner)" in console and "device NVIDIA" in console, console[-2000:]
+        assert "warm-up done" in console
+        gpus.add(read_state(tmp_path / "m", cell.id).gpus)
+    assert len(gpus) == min(2, torch.cuda.device_count())  # pinned to one GPU each, on every GPU there is
+    # A runner that has started CUDA cannot fork a child that uses it, and says so.
+    probe = subprocess.run([sys.executable, "-c", "import torch; torch.cuda.init(); from lib.matrix.process import "
+                            "ForkedTrainer; print(ForkedTrainer.cuda_fork_safe())"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120, env=ENV)
+    assert probe.stdout.strip() == "False", probe.stdout + probe.stderr
+
+
 def test_failure_reasons_are_specific():
     assert "out of memory" in matrix_cell.failure_reason(1, None, "x\ntorch.OutOfMemoryError: CUDA out of memory.")
     assert "NaN" in matrix_cell.failure_reason(1, None, "iter 3 | loss nan | lr 1e-3")

@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from gpt2.io import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME
+from gpt2.io import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, WARM_MARK
 from gpt2.train import checkpoint as ckpt
 from gpt2.train import distributed
 from gpt2.train.budget import BudgetClock, warmup_step_count
@@ -58,6 +58,7 @@ def _train(run, stop: StopSignals) -> int:
     warmup_steps = warmup_step_count(s.general.compile, dctx.enabled, run.cuda_graphs)
     clock = BudgetClock(run.budget, p.iters, sync=lambda: sync(run.device), every_step=run.device.type == "cpu")
     steps_here = 0
+    compiled_before = p.compile_time_s  # a resumed run's record includes its earlier sessions' warm-ups
     signum = 0  # the stop signal all ranks agreed on at the last sync point (0: none)
     pending = []  # per-step loss tensors since the last sync point
     log_losses = []  # losses since the last log line
@@ -82,6 +83,8 @@ def _train(run, stop: StopSignals) -> int:
             # Compilation left ~10^6 long-lived objects; a cyclic collection walking them stalls the host for
             # tens of ms mid-step. Frozen, they are out of its reach; refcounting still frees what dies.
             gc.freeze()
+            log.info(f"{WARM_MARK}: {warmup_steps} step(s) in {p.compile_time_s - compiled_before:.1f}s"
+                     " (compilation included)")
         p.iters += 1
         p.tokens_seen += run.tokens_per_iter
         pending.append(loss)

@@ -29,7 +29,7 @@ from lib.matrix.plan import CELL_CONFIG
 from lib.matrix.process import start_cell_process
 from lib.matrix.state import CONSOLE_LOG, LOCK_FILE, LOCK_GRACE_S, STATE_FILE, CellState, cell_lock, read_state, \
     write_state
-from gpt2.io import CHECKPOINT_NAME, METRICS_NAME, REPO_ROOT, read_json
+from gpt2.io import CHECKPOINT_NAME, METRICS_NAME, REPO_ROOT, WARM_MARK, read_json
 from gpt2.train.run_dir import RUN_LOCK_ENV, RUN_LOCK_NAME
 from lib.runs import train as train_entry
 
@@ -119,7 +119,7 @@ class CellProcess:
     gpus: GPU ids to pin the cell to, or None to inherit CUDA_VISIBLE_DEVICES (a Slurm task).
     runner: who runs it, for state.json ("local" or "slurm:<job>").
     train_command: replaces [python, -m, lib.runs.train] (tests use a stand-in trainer).
-    fork: start it with ForkedTrainer instead of exec (CPU cells of a matrix run).
+    fork: start it with ForkedTrainer instead of exec (the cells of a matrix run).
     """
 
     def __init__(self, matrix_dir, cell, console, *, gpus=None, runner="local", train_command=None,
@@ -139,6 +139,7 @@ class CellProcess:
         self._reader = None
         self._log = None
         self.interrupted = False
+        self.warmed = False  # the trainer logged WARM_MARK: its compiled graphs are in the compiler's cache
 
     def command(self, resume: bool) -> list:
         cmd = [*self.train_command, "--config", str(self.cell.config_path(self.matrix_dir)),
@@ -195,6 +196,7 @@ class CellProcess:
             pending += chunk
             *lines, pending = re.split(rb"\r\n|\r|\n", pending)
             for line in lines:
+                self.warmed = self.warmed or WARM_MARK.encode() in line
                 if line.strip():
                     self.console.cell_line(self.cell.label, line.decode(errors="replace"))
         if pending.strip():

@@ -77,6 +77,9 @@ class Cell:
     device: str
     max_time_s: int
     max_iters: int
+    # torch.compile on: the scheduler starts no second cell of its variant (the same graphs; the seed changes
+    # none) until this one's are compiled and cached. False in plans written before this field.
+    compiles: bool = False
 
     def config_path(self, matrix_dir) -> Path:
         return Path(matrix_dir) / CELLS_DIR / self.id / CELL_CONFIG
@@ -326,7 +329,8 @@ def _write_cells(out_dir, variants, seeds, bases, env_overrides, extra, kconfig_
                 first_with[key] = variant
             train = settings.train
             cells.append(Cell(cell_id, label, variant.id, variant.step, variant.defconfig, seed, overrides,
-                              train.num_gpus, settings.general.device, train.max_time_s, train.max_iters))
+                              train.num_gpus, settings.general.device, train.max_time_s, train.max_iters,
+                              settings.general.compile))
     return cells, kept, matrix_sweep.merged_notes(merged, variants)
 
 

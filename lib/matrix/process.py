@@ -6,9 +6,10 @@ SIGTERM when the runner dies (PR_SET_PDEATHSIG, Linux), so no cell trains orphan
 what outlives it anyway (torchrun workers) the next runner stops with stop_group().
 
 Two ways to start one:
-  * exec `python -m lib.runs.train ...` (subprocess.Popen): GPU cells, and one cell run in the foreground;
-  * fork this process and call lib.runs.train.main (ForkedTrainer): the cells of a matrix on a host with no GPU to
-    give them, where each exec'd cell would spend ~4-6 s importing torch, dynamo and the model code first.
+  * exec `python -m lib.runs.train ...` (subprocess.Popen): one cell run in the foreground (a Slurm task), test
+    stand-in trainers, and GPU cells when this process has touched CUDA itself;
+  * fork this process and call lib.runs.train.main (ForkedTrainer): the cells of a matrix run, where each exec'd
+    cell would spend ~4-6 s importing torch, dynamo and the model code first.
 """
 
 import os
@@ -72,21 +73,38 @@ def stop_group(pgid, wait_s) -> None:
 
 
 class ForkedTrainer:
-    """A Popen look-alike for CPU cells: a forked child of this process that calls lib.runs.train.main.
+    """A Popen look-alike: a forked child of this process that calls lib.runs.train.main.
 
     Each training process pays about 4-6 s importing torch and torch._dynamo (which torch.optim imports on
-    first use) before its first step: for `check`'s 2-iteration cells nearly all of their time, for a laptop
-    matrix's 60 s cells a tenth. preload() imports them once here, and every cell still gets its own process
+    first use) before its first step: for `check`'s 2-iteration cells nearly all of their time, for a 45 s GPU
+    cell a tenth of its budget. preload() imports them once here, and every cell still gets its own process
     (own output, exit code, process group, no file descriptor of the runner's but its own lock), forked instead
-    of exec'd. Only where no cell gets a GPU: a process that has touched CUDA cannot fork a child that uses it,
-    and GPU cells forked from a runner that never did have not been tried on a GPU yet.
+    of exec'd. A GPU cell's child pins its GPUs itself (CUDA_VISIBLE_DEVICES is read when CUDA starts, in the
+    child); this only works while this process has not started CUDA, which cuda_fork_safe() asks.
     """
 
     @staticmethod
     def preload() -> None:
+        # torch.cuda.is_available() asks the CUDA runtime, after which no forked child may use CUDA; with this
+        # set torch asks NVML instead (as torch.cuda.device_count() does anyway), which leaves forks usable.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         import gpt2.train.trainer  # noqa: F401  (torch, the model and the data code)
         import lib.runs.train  # noqa: F401
         import torch._dynamo  # noqa: F401
+
+    @staticmethod
+    def cuda_fork_safe() -> bool:
+        """Whether a child forked now may use CUDA. torch marks a fork of a process that started CUDA as bad and
+        refuses CUDA there; a forked probe reads that mark (torch's private flag: no public query exists)."""
+        import torch
+
+        if torch.cuda.is_initialized():
+            return False
+        pid = os.fork()
+        if pid == 0:
+            os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
 
     def __init__(self, argv, env, cwd, keep_fd=None):
         read_end, write_end = os.pipe()

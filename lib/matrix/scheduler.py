@@ -25,10 +25,15 @@ kernel sends each cell SIGTERM (PR_SET_PDEATHSIG); its cell lock is released
 when it exits, and the next runner stops whatever is left in a dead runner's
 cell process group (torchrun workers) before resuming the cell.
 
-On a host with no GPU to give the cells (every cell trains on the CPU), the runner imports torch and the
-trainer once and forks each cell from itself (ForkedTrainer): the cells run the same lib.runs.train.main as an
-exec'd cell process without paying torch's start-up each time. GPU cells are exec'd. `check` runs its tiny
-cells through the same scheduler.
+The runner imports torch and the trainer once and forks each cell from itself (ForkedTrainer): the cells run
+the same lib.runs.train.main as an exec'd cell process without paying torch's start-up each time. GPU cells
+are forked too while the runner has not started CUDA (it never does itself: GPUs are counted through NVML).
+`check` runs its tiny cells through the same scheduler.
+
+Compilation: cells of one variant compile the same graphs (the seed changes none). While one of them is
+compiling, no other cell of that variant starts (another variant's takes the free GPU instead); once it logged
+its warm-up (gpt2.io.WARM_MARK) the next finds the graphs in the compiler's on-disk cache and compiles in
+seconds, instead of compiling them again beside it, cold and competing for the CPU.
 """
 
 import dataclasses
@@ -61,7 +66,7 @@ class RunOptions:
     stream: object = None  # console stream (default sys.stdout)
     live: bool | None = None  # redraw the progress line in place (default: stream is a TTY)
     echo: bool = True  # echo cell output to the console
-    # Fork cells from this process with torch already imported; None: when no cell gets a GPU (run_matrix).
+    # Fork cells from this process with torch already imported; None: with the real trainer (run_matrix).
     preload_trainer: bool | None = None
 
     def cell_process(self, matrix_dir, cell, console, gpus=None, runner="local") -> CellProcess:
@@ -123,17 +128,33 @@ class _Scheduler:
         self.free_gpus = list(gpu_ids)
         self.running = {}  # cell id -> CellProcess
         self.cpu_locks = {}  # cell id -> the per-host CPU lock its training holds (cpu_parallel 1)
+        self.compiled = set()  # variants a cell of which finished its warm-up here: their graphs are cached
         self.progress = Progress(plan, parallel)
 
     def show_progress(self, force=False) -> None:
         self.console.status(self.progress.text(self.matrix_dir, list(self.running.values())), force=force)
 
+    def compiling(self, cell) -> bool:
+        """Whether a running cell of `cell`'s variant is compiling graphs that no cell of it has cached yet: `cell`
+        would compile them again beside it, cold and competing for the CPU; after that warm-up it finds them."""
+        if not cell.compiles or cell.variant in self.compiled:
+            return False
+        same = [p for p in self.running.values() if p.cell.variant == cell.variant]
+        if any(p.warmed for p in same):
+            self.compiled.add(cell.variant)
+            return False
+        return bool(same)
+
     def next_ready(self):
-        """(cell, GPUs it needs) of the cell to start now, or None. GPU cells start in plan order, and so do CPU
-        cells; a CPU cell waiting for the CPU does not hold up the GPU cells behind it, nor the other way round."""
+        """(cell, GPUs it needs) of the cell to start now, or None. GPU cells start in plan order, except that one
+        whose variant another cell is compiling waits for that compilation and the next starts in its place; CPU
+        cells start in plan order. A CPU cell waiting for the CPU does not hold up the GPU cells behind it, nor
+        the other way round."""
         heads = {}
-        for cell in self.queue:  # the first GPU cell and the first CPU cell
-            heads.setdefault(gpus_needed(cell, self.gpu_ids) > 0, cell)
+        for cell in self.queue:  # the first GPU cell (not waiting for a compilation) and the first CPU cell
+            gpu = gpus_needed(cell, self.gpu_ids) > 0
+            if not (gpu and self.compiling(cell)):
+                heads.setdefault(gpu, cell)
         for cell in sorted(heads.values(), key=self.queue.index):
             need = gpus_needed(cell, self.gpu_ids)
             if (need and need <= len(self.free_gpus)) or (not need and self.cpu_free(cell)):
@@ -184,6 +205,8 @@ class _Scheduler:
         """Record every cell whose process ended and give its GPUs (or the CPU) back."""
         for cell_id in [cid for cid, p in self.running.items() if p.poll() is not None]:
             proc = self.running.pop(cell_id)
+            if proc.warmed:
+                self.compiled.add(proc.cell.variant)
             self.free_gpus += proc.gpus or []
             state = proc.finish()
             self.release_cpu(cell_id)
@@ -208,10 +231,14 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
     gpu_ids = visible_gpus() if options.gpu_ids is None else list(options.gpu_ids)
     todo, elsewhere = cells_to_run(matrix_dir, plan, options, console)
     check_feasible(todo, gpu_ids)
-    if options.preload_trainer is None:  # the real trainer (not a test's stand-in command), CPU cells only
-        options = dataclasses.replace(options, preload_trainer=not gpu_ids and options.train_command is None)
+    if options.preload_trainer is None:  # the real trainer (not a test's stand-in command)
+        options = dataclasses.replace(options, preload_trainer=options.train_command is None)
     if options.preload_trainer:
         ForkedTrainer.preload()
+        if any(gpus_needed(c, gpu_ids) for c in todo) and not ForkedTrainer.cuda_fork_safe():
+            console.message("GPU cells start as new processes: this process has started CUDA, so a forked "
+                            "child could not use it")
+            options = dataclasses.replace(options, preload_trainer=False)
     parallel = parallel_cells(todo, gpu_ids, options.parallel_cap, options.cpu_parallel)
     outcome = Outcome(done=[], failed=[], pending=[c.label for c in elsewhere])
     pool = _Scheduler(matrix_dir, plan, todo, gpu_ids, parallel, options, console, outcome)
