@@ -6,6 +6,7 @@ the same code path: a synthetic stream (gpt2/data/synthetic.py) or a local copy 
 """
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -231,8 +232,9 @@ def test_changed_stream_retokenizes_only_the_changed_shards(tmp_path):
     docs = list(varied_documents(web_docs(), 60))
 
     def build(texts, workers=1):
-        return gs.build_shards(iter(texts), store, "gpt2", workers=workers, shard_chars=1000, need_tokens=10**9,
-                               enough=lambda records: False)
+        with gs.TokenizerPool("gpt2", workers) as pool:
+            return gs.build_shards(iter(texts), store, pool, shard_chars=1000, need_tokens=10**9,
+                                   enough=lambda records: False)
 
     first, stats = build(docs)
     assert stats.shards_tokenized == len(first) > 3 and stats.shards_reused == 0
@@ -254,8 +256,9 @@ def test_cut_follows_the_split_rule_at_every_cap(tmp_path):
     docs = list(varied_documents(web_docs(), 8))
     store = gs.ShardStore(tmp_path / "shards", {}, np.uint16)
     store.open()
-    records, _ = gs.build_shards(iter(docs), store, "gpt2", workers=1, shard_chars=300, need_tokens=10**9,
-                                 enough=lambda records: False)
+    with gs.TokenizerPool("gpt2", 1) as pool:
+        records, _ = gs.build_shards(iter(docs), store, pool, shard_chars=300, need_tokens=10**9,
+                                     enough=lambda records: False)
     total = sum(r.tokens for r in records)
     assert len(records) >= 4
     encoded = encode_stream(docs)
@@ -277,6 +280,37 @@ def test_cut_follows_the_split_rule_at_every_cap(tmp_path):
                                                 for p in range(val_begin, val_begin + len(val))})
             whole = cut_stream(records, store, EOT, cap, val_cap, final=False)
             assert whole == (cut if val_begin + val_cap <= total else None)
+
+
+def worker_tokenizers():
+    return sorted(gs._tokenizers)
+
+
+def test_pool_processes_start_with_the_tokenizer_before_any_shard():
+    while multiprocessing.active_children():  # an earlier test's pool, still exiting
+        time.sleep(0.05)
+    with gs.TokenizerPool("gpt2", 2) as pool:
+        assert len(multiprocessing.active_children()) == 2  # started on entry, not by the first shard
+        answers = [pool.executor.submit(worker_tokenizers).result(timeout=120) for _ in range(4)]
+    assert answers == [["gpt2"]] * 4  # each loaded the BPE as it started, though no shard ever reached it
+
+
+def test_no_shard_is_written_once_build_shards_returns(tmp_path):
+    """Past the end, the shards not started are cancelled and the running ones finish before build_shards
+    returns (the pool does not wait for its processes to exit), so the caller may cut and remove the store."""
+    store = gs.ShardStore(tmp_path / "shards", {}, np.uint16)
+    store.open()
+    docs = list(varied_documents(web_docs(), 4000))  # about 600k characters: 4 shards
+    with gs.TokenizerPool("gpt2", 2) as pool:
+        records, stats = gs.build_shards(iter(docs), store, pool, shard_chars=150_000, need_tokens=10**9,
+                                         enough=lambda records: True)
+        written = sorted(path.name for path in store.directory.iterdir())
+        time.sleep(1.0)  # a shard takes about 0.05 s: one still running would land meanwhile
+        assert sorted(path.name for path in store.directory.iterdir()) == written
+    assert len(records) == stats.shards_tokenized == 1
+    assert not [name for name in written if name.endswith(".tmp")]
+    assert {name[:-4] for name in written if name.endswith(".bin")} == {name[:-5] for name in written
+                                                                      if name.endswith(".json") and name[0] != "p"}
 
 
 def test_worker_count_setting():

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.data import shakespeare
-from gpt2.data.shards import ShardStore, build_shards, default_shard_chars, describe_stats, resolve_workers, say
+from gpt2.data.shards import (ShardStore, TokenizerPool, build_shards, default_shard_chars, describe_stats,
+                              resolve_workers, say)
 from gpt2.data.splits import cut_stream, write_range
 from gpt2.data.streamed import STREAMED_DATASETS, StreamOpener, StreamUnavailable, iter_texts, open_hub_stream
-from gpt2.data.tokenizer import BPE_FILE_SHA256, CharTokenizer, get_tokenizer, tokenizer_from_meta
+from gpt2.data.tokenizer import BPE_FILE_SHA256, CharTokenizer, get_tokenizer, gpt2_bpe_path, tokenizer_from_meta
 from gpt2.data.wheel_assets import fetch_wheel, sha256_file
 from gpt2.io import atomic_path, atomic_write_text
 from gpt2.settings import DataSettings
@@ -257,25 +258,26 @@ def _build_streamed(data: DataSettings, open_stream: StreamOpener, out_dir: Path
     train tokens and token_cap * VAL_FRACTION / (1 - VAL_FRACTION) val tokens (val is VAL_FRACTION of the
     total), then cut the two splits from them (gpt2/data/splits.py states the rule)."""
     spec = STREAMED_DATASETS[data.dataset]
-    tokenizer = get_tokenizer(data.tokenizer)  # here first: fetches the BPE file once, before any worker needs it
+    gpt2_bpe_path()  # fetched here, once, before the worker processes load it
     cap, val_cap = data.token_cap, max(1, round(data.token_cap * VAL_FRACTION / (1.0 - VAL_FRACTION)))
     shard_chars = shard_chars or default_shard_chars(cap)
     plan = {"format": PREP_FORMAT, "source": spec.identity(), "tokenizer": _fingerprint_inputs(data)["tokenizer"],
             "shard_chars": shard_chars}
-    store = ShardStore(out_dir / SHARD_DIR, plan, _token_dtype(tokenizer.vocab_size))
     workers = resolve_workers(data.prep_workers)
-
-    def enough(records):
-        return cut_stream(records, store, tokenizer.eot_token, cap, val_cap, final=False) is not None
-
     try:
         rows = open_stream(spec)  # the hub opener fails here, in one line, when the hub is out of reach
-        store.open()
-        records, stats = build_shards(iter_texts(rows, spec.text_column), store, data.tokenizer, workers=workers,
-                                      shard_chars=shard_chars, need_tokens=cap + val_cap, enough=enough,
-                                      label=data.dataset)
+        with TokenizerPool(data.tokenizer, workers) as pool:  # its processes start up while this one reads on
+            tokenizer = pool.tokenizer
+            store = ShardStore(out_dir / SHARD_DIR, plan, _token_dtype(tokenizer.vocab_size))
+            store.open()
+
+            def enough(records):
+                return cut_stream(records, store, tokenizer.eot_token, cap, val_cap, final=False) is not None
+
+            records, stats = build_shards(iter_texts(rows, spec.text_column), store, pool, shard_chars=shard_chars,
+                                          need_tokens=cap + val_cap, enough=enough, label=data.dataset)
     except StreamUnavailable as error:
-        raise StreamUnavailable(f"{error}; {_offline_remedy(out_dir, store)}") from None
+        raise StreamUnavailable(f"{error}; {_offline_remedy(out_dir)}") from None
     cut = cut_stream(records, store, tokenizer.eot_token, cap, val_cap, final=True)
     if cut.tokens["val"] == 0:
         store.remove()  # the stream is what it is: a rerun would end in the same place
@@ -294,8 +296,9 @@ def _build_streamed(data: DataSettings, open_stream: StreamOpener, out_dir: Path
     return meta
 
 
-def _offline_remedy(out_dir: Path, store: ShardStore) -> str:
-    finished = len(list(store.directory.glob("[0-9]*.json"))) if store.directory.exists() else 0
+def _offline_remedy(out_dir: Path) -> str:
+    shard_dir = out_dir / SHARD_DIR
+    finished = len(list(shard_dir.glob("[0-9]*.json"))) if shard_dir.exists() else 0
     resume = f" and rerun (the {finished} finished shards are kept)" if finished > 0 else ""
     return (f"connect to the network{resume}, or prepare the data on a connected machine and copy its {out_dir}/ "
             f"to the same path here, or choose DATASET_SHAKESPEARE (needs no hub)")

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -149,10 +149,16 @@ class ShardStore:
 
 # ----------------------------------------------------------------------------- worker side
 
-_tokenizers = {}  # name -> tokenizer, built once per process on first use
+_tokenizers = {}  # name -> tokenizer, built once per process
 
 
-def _init_worker(parent_pid: int) -> None:
+def _tokenizer(name: str):
+    if name not in _tokenizers:
+        _tokenizers[name] = get_tokenizer(name)
+    return _tokenizers[name]
+
+
+def _init_worker(parent_pid: int, tokenizer_name: str) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it (and lets running shards finish).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -163,14 +169,13 @@ def _init_worker(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
+    _tokenizer(tokenizer_name)  # as the worker starts, not when its first shard is already waiting
 
 
 def tokenize_shard(store: ShardStore, index: int, texts: list[str], tokenizer_name: str) -> ShardRecord:
     """Tokenise one shard's texts (each + end-of-text) and write its .bin, then its record; both atomic.
     The texts are hashed here too, in the worker, so the process reading the stream only reads."""
-    if tokenizer_name not in _tokenizers:
-        _tokenizers[tokenizer_name] = get_tokenizer(tokenizer_name)
-    tokenizer = _tokenizers[tokenizer_name]
+    tokenizer = _tokenizer(tokenizer_name)
     parts = []  # one array per document: a shard-long list of Python ints would take 36 bytes a token
     for text in texts:
         ids = tokenizer.encode(text)
@@ -185,28 +190,62 @@ def tokenize_shard(store: ShardStore, index: int, texts: list[str], tokenizer_na
     return record
 
 
+class TokenizerPool:
+    """Where shards are tokenised: workers spawned processes (a fork would copy the streaming client's
+    threads and locks), or this process when workers == 1, the reference the parallel path must equal
+    byte for byte.
+
+    The processes start when the pool is entered, and each loads the tokenizer as it starts: their
+    start-up (Python, numpy and the BPE, about 0.5 s) runs while this process loads its own (.tokenizer)
+    and reads the first shards' texts from the stream.
+    """
+
+    def __init__(self, tokenizer_name: str, workers: int):
+        self.tokenizer_name, self.workers = tokenizer_name, workers
+        self.executor = None
+        self.tokenizer = None
+
+    def __enter__(self) -> "TokenizerPool":
+        if self.workers > 1:
+            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                                initializer=_init_worker,
+                                                initargs=(os.getpid(), self.tokenizer_name))
+            # A spawn pool starts a process at each submit that finds none idle, so one empty task per
+            # worker starts them all now instead of one by one as the first shards arrive.
+            for _ in range(self.workers):
+                self.executor.submit(os.getpid)
+        self.tokenizer = _tokenizer(self.tokenizer_name)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.executor is not None:
+            # Without waiting: the processes take about 0.1 s to exit (a spawned child tears its interpreter
+            # down), which overlaps the caller's next step; build_shards waited for the shards it started.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    def submit(self, store: ShardStore, index: int, texts: list[str]) -> Future | ShardRecord:
+        """Shard index tokenised: a Future of its record in the pool, the record itself in this process."""
+        args = (store, index, texts, self.tokenizer_name)
+        return self.executor.submit(tokenize_shard, *args) if self.executor else tokenize_shard(*args)
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
-def build_shards(texts: Iterable[str], store: ShardStore, tokenizer_name: str, *, workers: int, shard_chars: int,
+def build_shards(texts: Iterable[str], store: ShardStore, pool: TokenizerPool, *, shard_chars: int,
                  need_tokens: int, enough: Callable[[list[ShardRecord]], bool],
                  label: str = "tokenize") -> tuple[list[ShardRecord], ShardStats]:
-    """Tokenise the stream shard by shard until enough(finished records, in stream order) holds or the
-    stream ends; returns those records and what was reused and tokenised.
+    """Tokenise the stream shard by shard in pool until enough(finished records, in stream order) holds
+    or the stream ends; returns those records and what was reused and tokenised.
 
-    Workers > 1: a pool of spawned processes (a fork would copy the streaming client's threads and
-    locks) tokenises shards while this process reads the stream. It submits only while the tokens
-    finished and in flight (estimated from their characters) fall short of need_tokens, and keeps at
-    most two shards per worker in flight, so little is tokenised past the end. Workers == 1 tokenises
-    in this process: the reference the parallel path must equal byte for byte.
+    With worker processes, this process reads the stream while they tokenise. It submits only while
+    the tokens finished and in flight (estimated from their characters) fall short of need_tokens, and
+    keeps at most two shards per worker in flight, so little is tokenised past the end.
     """
-    stats = ShardStats(workers=workers)
+    stats = ShardStats(workers=pool.workers)
     started = time.perf_counter()
-    in_flight = 1 if workers == 1 else 2 * workers
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                   initializer=_init_worker, initargs=(os.getpid(),))
+    in_flight = 1 if pool.workers == 1 else 2 * pool.workers
     groups = enumerate(shard_groups(texts, shard_chars))
     pending: deque = deque()  # (chars, Future or ShardRecord, reused), in stream order
     finished: list[ShardRecord] = []
@@ -229,8 +268,7 @@ def build_shards(texts: Iterable[str], store: ShardStore, tokenizer_name: str, *
                 if kept is not None:
                     pending.append((chars, kept, True))
                     continue
-                args = (store, index, shard_texts, tokenizer_name)
-                pending.append((chars, pool.submit(tokenize_shard, *args) if pool else tokenize_shard(*args), False))
+                pending.append((chars, pool.submit(store, index, shard_texts), False))
             if not pending:
                 break  # the stream ended
             _, head, reused = pending.popleft()
@@ -249,8 +287,10 @@ def build_shards(texts: Iterable[str], store: ShardStore, tokenizer_name: str, *
                 break
     finally:
         progress.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)  # running shards finish and are kept for a rerun
+        # Shards past the end (or all, when interrupted): those not started never run; running ones finish,
+        # so that no worker writes into the store once this returns, and are kept for a rerun.
+        futures = [entry[1] for entry in pending if isinstance(entry[1], Future)]
+        wait([future for future in futures if not future.cancel()])
     stats.seconds = time.perf_counter() - started
     return finished, stats
 
