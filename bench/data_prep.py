@@ -13,8 +13,8 @@ cores) take about 1.5 minutes on 16 cores, most of it the 1-process reference.
 
 Besides wall time, each run records the CPU time of all its processes, which splits a speedup short of
 N in two: busy cores (CPU s / wall s) below N is time the processes sat idle (start-up, the last
-shards, waiting for the stream), CPU per token above 1 process's is contention (cores shared with a
-hyperthread sibling, a lower all-core clock, memory).
+shards, waiting for the stream); CPU per token above 1 process's is work added (each worker's
+start-up) or slowed (cores shared with a hyperthread sibling, a lower all-core clock, memory).
 
 Writes <out-dir>/data-prep-<host>.md and .json: CPU model, usable cores, the token count, per process
 count the wall time, tokens/s, speedup over 1 process, busy cores and CPU per token.
@@ -120,9 +120,10 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Busy cores: CPU seconds of all the run's processes per wall second; below the process count, processes "
-        "sat idle (start-up, the last shards, the stream). CPU s per M tokens above 1 process's: the processes "
-        "slowed each other (shared cores, clock, memory).",
+        "Busy cores: CPU seconds of all the run's processes (the workers and the one reading the stream) per wall "
+        "second; below the process count, processes sat idle (start-up, the last shards, the stream). CPU s per "
+        "M tokens above 1 process's: each worker's start-up (Python, numpy, the BPE: about 0.5 CPU s) and "
+        "processes slowing each other (shared cores, clock, memory).",
         "",
         f"Reproduce: `python -m scripts.bench_data --tokens {report['token_cap']} "
         f"--workers {','.join(str(r['workers']) for r in report['runs'])}` (`make bench-data`: the defaults).",
