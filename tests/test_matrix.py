@@ -261,15 +261,16 @@ def test_gpu_cells_fork_from_the_runner_and_train_on_their_own_gpus(matrix_confi
     import torch
 
     config = matrix_config("V0,V1", "1,2", DEVICE_CUDA="y", TORCH_COMPILE="y")
-    proc = cli("run", "--config", config, "--dir", tmp_path / "m", timeout=600)
+    proc = cli("run", "--config", config, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    plan = matrix_plan.load_plan(tmp_path / "m")
+    matrix_dir = only_matrix_dir(tmp_path / "results")
+    plan = matrix_plan.load_plan(matrix_dir)
     gpus = set()
     for cell in plan.cells:
-        console = (cell.run_dir(tmp_path / "m") / "console.log").read_text()
+        console = (cell.run_dir(matrix_dir) / "console.log").read_text()
         assert "(forked from the matrix runner)" in console and "device NVIDIA" in console, console[-2000:]
         assert "warm-up done" in console
-        gpus.add(read_state(tmp_path / "m", cell.id).gpus)
+        gpus.add(read_state(matrix_dir, cell.id).gpus)
     assert len(gpus) == min(2, torch.cuda.device_count())  # pinned to one GPU each, on every GPU there is
     # A runner that has started CUDA cannot fork a child that uses it, and says so.
     probe = subprocess.run([sys.executable, "-c", "import torch; torch.cuda.init(); from lib.matrix.process import "
