@@ -101,6 +101,27 @@ def test_busy_verdict_thresholds():
     assert busy_verdict("cuda", 16, 0.3, None) == (False, None)  # unknown is not busy
 
 
+def test_the_gpu_listing_runs_beside_the_loop_and_is_read_at_the_next_sample(tmp_path, monkeypatch):
+    from gpt2.train import machine
+
+    # A stand-in nvidia-smi that takes 0.5 s and lists this process and one other on GPU-abc.
+    (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\nsleep 0.5\necho '{os.getpid()}, GPU-abc'\necho '1, GPU-abc'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(machine, "start_gpu_probe", lambda device: machine.GpuNeighbours("abc"))
+    load = MachineLoad()
+    t0 = time.perf_counter()
+    load.sample("a device")
+    load.sample("a device")  # the first listing has not finished: not waited for, and no second one starts
+    assert time.perf_counter() - t0 < 0.3 and load.gpu_other_processes is None
+    time.sleep(0.7)
+    load.sample("a device")  # read now, and the next one started
+    assert load.gpu_other_processes == 1 and load._probe is not None
+    load.finish()
+    assert load.gpu_other_processes == 1 and load._probe is None
+    assert MachineLoad(**load.state()) == load
+
+
 def test_machine_load_samples_the_real_load_average():
     load = MachineLoad()
     before = os.getloadavg()[0]

@@ -211,7 +211,7 @@ def run_eval(run, lr) -> None:
     if improved and run.s.train.keep_best_checkpoint:
         keep_best(run)
     if run.dctx.is_main:
-        run.machine.sample(run.device)  # with the GPU's other processes: one nvidia-smi per evaluation
+        run.machine.sample(run.device)  # and the GPU's other processes (nvidia-smi, in the background)
         run.eval_log.append(record)
         write_metrics(run.run_dir, summary(run))
     run.tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss),

@@ -7,7 +7,9 @@ between runs must know. Two cheap measurements, taken at the loop's log and eval
          may use (os.sched_getaffinity). A lone CPU run keeps about that many threads busy itself, so a
          load above the core count means something else wanted the cores too.
     GPU  processes other than this one holding a context on the run's GPU (nvidia-smi, at most once per
-         evaluation: it takes tens of milliseconds).
+         evaluation). nvidia-smi takes tens of milliseconds, 1-2 s over a 45 s cell that evaluates every
+         second: it runs beside the loop (started at one evaluation, read at the next), never waited for
+         until the run ends.
 
 The record is metrics.json's "machine"; a checkpoint carries the samples (MachineLoad's fields) so a
 resumed run reports over all its sessions.
@@ -54,20 +56,37 @@ def other_gpu_processes(listing: str, gpu_uuid: str, own_pid: int) -> int | None
     return len(pids) - pids.count(own_pid) if own_pid in pids else len(pids) - 1
 
 
-def gpu_processes_besides_us(device) -> int | None:
-    """Other processes on the CUDA `device` (a torch.device), or None: not CUDA, no nvidia-smi, or hidden."""
+class GpuNeighbours:
+    """One nvidia-smi listing of the processes on the GPU `gpu_uuid`, running in the background from construction."""
+
+    def __init__(self, gpu_uuid: str):
+        self.gpu_uuid = gpu_uuid
+        self.proc = subprocess.Popen(NVIDIA_SMI, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self, timeout: float = 10.0) -> int | None:
+        """Other processes on the GPU, or None: nvidia-smi failed, timed out or sees no processes."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            return None
+        return other_gpu_processes(out, self.gpu_uuid, os.getpid()) if self.proc.returncode == 0 else None
+
+
+def start_gpu_probe(device) -> GpuNeighbours | None:
+    """nvidia-smi started in the background for the CUDA `device`; None when not CUDA or no nvidia-smi."""
     if device.type != "cuda":
         return None
     import torch
 
     try:
-        gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
-        proc = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, timeout=10)
-    except (AttributeError, OSError, RuntimeError, subprocess.TimeoutExpired):
+        return GpuNeighbours(str(torch.cuda.get_device_properties(device).uuid))
+    except (AttributeError, OSError, RuntimeError):
         return None
-    if proc.returncode != 0:
-        return None
-    return other_gpu_processes(proc.stdout, gpu_uuid, os.getpid())
 
 
 def busy_verdict(device_type: str, cpus: int, load_avg_max: float | None,
@@ -88,14 +107,31 @@ class MachineLoad:
     load_avg_max: float | None = None
     gpu_other_processes: int | None = None  # the most seen at once
 
+    def __post_init__(self):
+        self._probe = None  # the nvidia-smi in flight (not a sample: a checkpoint does not carry it)
+
     def sample(self, device=None) -> None:
-        """One load-average sample; with a device (at evaluations) also the GPU's other processes."""
+        """One load-average sample; with a device (at evaluations) also the GPU's other processes: the listing
+        started at an earlier evaluation is read if it has finished, and a new one starts if none is running."""
         load = load_average()
         if load is not None:
             self.load_samples += 1
             self.load_avg_sum += load
             self.load_avg_max = load if self.load_avg_max is None else max(self.load_avg_max, load)
-        others = gpu_processes_besides_us(device) if device is not None else None
+        if device is None:
+            return
+        if self._probe is not None and self._probe.done():
+            self._take(self._probe.result())
+        if self._probe is None:
+            self._probe = start_gpu_probe(device)
+
+    def finish(self) -> None:
+        """Wait for the listing in flight (the run's end), so a short run has its GPU sample too."""
+        if self._probe is not None:
+            self._take(self._probe.result())
+
+    def _take(self, others) -> None:
+        self._probe = None
         if others is not None:
             self.gpu_other_processes = max(others, self.gpu_other_processes or 0)
 

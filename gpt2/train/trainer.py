@@ -238,6 +238,7 @@ def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
             write_metrics(r.run_dir, summary(r))
         stop.defer()  # from here on a signal stops the loop after its step, with a checkpoint
         signum = train(r, stop)
+        r.machine.finish()
         r.status = "interrupted" if r.stop_reason == "signal" else "done"
         if r.dctx.is_main:
             log.info(closing_line(r, signum))
