@@ -12,7 +12,7 @@ SET_ARGS = $(if $(filter command line,$(origin ARGS)),$(ARGS))
 
 .DEFAULT_GOAL := run
 .PHONY: run train resume data matrix check continue report eval export sample steps menuconfig defconfig savedefconfig \
-        olddefconfig oldconfig alldefconfig listnewconfig showconfig set bench-train bench-attention bench-data bench-ddp test \
+        olddefconfig oldconfig alldefconfig listnewconfig showconfig set bench-train bench-attention bench-data bench-cells bench-ddp test \
         test-kernels help venv clean-venv cell extras
 
 run: $(KCONFIG_CONFIG) | $(STAMP) extras ## train, or run the test matrix when the config is a matrix
@@ -105,6 +105,9 @@ bench-attention: | $(STAMP) ## GPU: every attention backend vs SDPA -> results/b
 
 bench-data: | $(STAMP) ## CPU: data preparation tokens/s, 1 process vs N -> results/bench/data-prep-<host>.md
 	$(PY) -m scripts.bench_data
+
+bench-cells: | $(STAMP) ## GPU: a matrix cell's wall time around its budget, 1 GPU vs all, cold cache -> results/bench/cells-<gpu>.md
+	$(PY) -m scripts.bench_cells
 
 bench-ddp: | $(STAMP) ## GPUs: one GPU vs DDP on all, ra-unified vs sdpa with accumulation -> results/bench/ddp-<gpu>-x<N>.md
 	$(PY) -m scripts.bench_ddp

@@ -176,7 +176,11 @@ def gpu_slug(device) -> str:
     """The GPU's name as a file-name part ("NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"); "cpu-smoke" off CUDA."""
     if device.type != "cuda":
         return "cpu-smoke"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return name_slug(torch.cuda.get_device_name(device))
+
+
+def name_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def compile_fn(fn, smoke):
