@@ -5,7 +5,9 @@ step is short enough for the host's work (Python, dispatch, launches) to matter.
 second sdpa build (the A/A control) and the fast RA backends, bracketed and interleaved exactly as the step
 section does, for each size and compile mode: torch.compile's default, and "reduce-overhead" (CUDA graphs: the
 forward and backward each replay as one launch, which takes the host out of the step). On an H200 (2026-11-29,
-results/bench/attention-nvidia-h200.md) CUDA graphs made no size faster, so the trainer keeps the default.
+results/bench/attention-nvidia-h200.md) CUDA graphs made no size of this step faster: its batch is already on
+the GPU and it has no dropout. A matrix cell's own step (section loop) is host-bound at the mini size and gains
+from them, which is why the offline GPU presets set CONFIG_TORCH_COMPILE_CUDA_GRAPHS.
 """
 
 import torch
