@@ -18,6 +18,7 @@ import pytest
 
 from lib.matrix import cell as matrix_cell
 from lib.matrix import describe as matrix_describe
+from lib.matrix import foreground as matrix_foreground
 from lib.matrix import gpus as matrix_gpus
 from lib.matrix import plan as matrix_plan
 from lib.matrix import process as matrix_process
@@ -415,5 +416,5 @@ def test_single_cell_task_leaves_a_locked_cell_alone(matrix_config, tmp_path):
     plan = build_plan(config, matrix_dir)
     save_plan(plan, matrix_dir)
     with matrix_state.cell_lock(matrix_dir, "V0-s1"):
-        state = matrix_run.run_single_cell(matrix_dir, plan, "V0-s1", options=matrix_run.RunOptions(echo=False))
+        state = matrix_foreground.run_single_cell(matrix_dir, plan, "V0-s1", options=matrix_run.RunOptions(echo=False))
     assert state.status == "pending" and state.attempts == 0

@@ -16,6 +16,7 @@ import pytest
 
 from gpt2.train.run_dir import RunLock
 from lib.config import parse_assignments
+from lib.matrix import foreground as matrix_foreground
 from lib.matrix import scheduler as matrix_run
 from lib.matrix import slurm
 from lib.matrix.plan import build_plan, load_plan, save_plan
@@ -67,7 +68,7 @@ def test_a_cell_whose_run_directory_is_held_is_left_pending(matrix_config, tmp_p
     plan = build_plan(matrix_config(), matrix_dir)
     save_plan(plan, matrix_dir)
     with RunLock(plan.cell("V0-s1").run_dir(matrix_dir)):  # e.g. a `make resume RUN=cells/V0-s1` in progress
-        state = matrix_run.run_single_cell(matrix_dir, plan, "V0-s1", options=matrix_run.RunOptions(echo=False))
+        state = matrix_foreground.run_single_cell(matrix_dir, plan, "V0-s1", options=matrix_run.RunOptions(echo=False))
     assert state.status == "pending" and state.exit_code == 75, state
     assert f"is locked by {socket.gethostname()} pid {os.getpid()}" in state.note
     assert not (matrix_dir / "cells" / "V0-s1" / "metrics.json").exists()  # the second trainer wrote nothing

@@ -3,8 +3,8 @@
 The pieces: lib.matrix.gpus decides how many cells fit at once and which GPUs each
 gets; lib.matrix.cell runs one attempt of one cell (lib.matrix.process starts and
 stops its processes); lib.matrix.console prints cell output and the progress line.
-This module is the loop that ties them together, plus its two other entry points:
-one cell in the foreground (a Slurm array task) and `check`.
+This module is the loop that ties them together, plus `check`; one cell in the foreground (a Slurm
+array task) is lib.matrix.foreground.
 
 Resume: done cells are skipped; a cell with a checkpoint is restarted with
 --resume; a failed cell is retried only when asked (retry_failed), from scratch.
@@ -15,7 +15,7 @@ stop_on_failure: then no new cell starts and the running ones finish.
 CPU cells (device cpu, or auto without a GPU) never train two at once: they would share the cores, and
 each would record half a machine's tokens/s and get half as far in its time budget. The scheduler starts
 one at a time and holds the matrix's per-host CPU lock while it trains, which a Slurm/local array task
-(run_single_cell) waits for, so `submit --cluster local` runs them one after another too. Only `check`, whose
+(lib.matrix.foreground) waits for, so `submit --cluster local` runs them one after another too. Only `check`, whose
 2-iteration cells record nothing, runs two at once (cpu_parallel).
 
 Interrupts: Ctrl-C / SIGTERM stops the running cells (SIGTERM to each cell's
@@ -37,7 +37,6 @@ seconds, instead of compiling them again beside it, cold and competing for the C
 """
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -48,7 +47,7 @@ from lib.matrix.cell import CellProcess
 from lib.matrix.console import Console, Progress, hms
 from lib.matrix.gpus import check_feasible, gpus_needed, parallel_cells, visible_gpus
 from lib.matrix.process import ForkedTrainer, group_alive, process_alive, stop_group
-from lib.matrix.state import CONSOLE_LOG, CellState, MatrixLocked, cell_lock, cpu_lock, read_state
+from lib.matrix.state import CONSOLE_LOG, MatrixLocked, cell_lock, cpu_lock, read_state
 
 
 @dataclasses.dataclass
@@ -267,7 +266,7 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
             time.sleep(options.poll_s)
     finally:
         if pool.running:
-            _stop_cells(list(pool.running.values()), options.grace_s, console)
+            stop_cells(list(pool.running.values()), options.grace_s, console)
             outcome.interrupted = True
             outcome.pending += [p.cell.label for p in pool.running.values()]
         for cell_id in list(pool.cpu_locks):
@@ -280,7 +279,7 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
     return outcome
 
 
-def _stop_cells(procs, grace_s, console) -> None:
+def stop_cells(procs, grace_s, console) -> None:
     """SIGTERM every running cell, SIGKILL what is left after grace_s; they stay pending for a resume."""
     console.message(f"stopping {len(procs)} running cell(s); they resume on `continue`")
     for proc in procs:
@@ -293,56 +292,6 @@ def _stop_cells(procs, grace_s, console) -> None:
         if proc.poll() is None:
             proc.signal(signal.SIGKILL)
         proc.finish()
-
-
-def run_single_cell(matrix_dir, plan, cell_id, runner="local", options: RunOptions = None) -> CellState:
-    """Run one cell in the foreground (a Slurm array task does this); GPUs come from the environment.
-
-    A cell that is done, or held by another process, is left alone and its state returned.
-    """
-    options = options or RunOptions()
-    console = Console(options.stream, live=False, echo=options.echo)
-    cell = plan.cell(cell_id)
-    state = read_state(matrix_dir, cell.id)
-    if not state.wants_run(options.retry_failed):
-        console.message(f"[{cell.label}] already {state.status}; nothing to do")
-        return state
-    cpu = None
-    if not gpus_needed(cell, visible_gpus()):  # one CPU cell at a time on this host (see the module's docstring)
-        cpu = cpu_lock(matrix_dir)
-        try:
-            cpu.acquire()
-        except MatrixLocked as err:
-            console.message(f"[{cell.label}] waiting for the CPU: {err}")
-            cpu.acquire(math.inf)
-        state = read_state(matrix_dir, cell.id)  # another process may have run it meanwhile
-        if not state.wants_run(options.retry_failed):
-            cpu.release()
-            console.message(f"[{cell.label}] already {state.status}; nothing to do")
-            return state
-    try:
-        state = _run_in_foreground(matrix_dir, cell, runner, options, console)
-    finally:
-        if cpu is not None:
-            cpu.release()
-    return state
-
-
-def _run_in_foreground(matrix_dir, cell, runner, options, console) -> CellState:
-    proc = options.cell_process(matrix_dir, cell, console, runner=runner)
-    try:
-        proc.start()
-    except MatrixLocked as err:
-        console.message(f"[{cell.label}] skipped: {err}")
-        return read_state(matrix_dir, cell.id)
-    try:
-        proc.proc.wait()
-    except BaseException:
-        _stop_cells([proc], options.grace_s, console)
-        raise
-    state = proc.finish()
-    console.message(f"[{cell.label}] {state.status}" + (f": {state.failure_reason}" if state.failure_reason else ""))
-    return state
 
 
 def check_cells(matrix_dir, plan, gpu_ids, stream=None) -> Outcome:

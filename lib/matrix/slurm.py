@@ -5,7 +5,7 @@
 `submit` plans the matrix exactly like `run` (same validation, same directory
 choice and plan fingerprint check), then submits every unfinished cell as one
 task of a single Slurm array job. Each task runs CellTask(matrix_dir, cell_id),
-which is lib.matrix.scheduler.run_single_cell: it takes the cell's lock, runs
+which is lib.matrix.foreground.run_single_cell: it takes the cell's lock, runs
 lib.runs.train (with --resume when the cell has a checkpoint) on the GPUs Slurm
 gave the task (CUDA_VISIBLE_DEVICES), and writes the cell's state.json. So the
 local runner, `status`, `continue` and `report` all work on the same directory:
@@ -43,7 +43,8 @@ import submitit
 from gpt2.io import REPO_ROOT
 from lib.matrix.gpus import gpus_needed, visible_gpus
 from lib.matrix.plan import load_plan
-from lib.matrix.scheduler import RunOptions, run_single_cell
+from lib.matrix.foreground import run_single_cell
+from lib.matrix.scheduler import RunOptions
 from lib.matrix.state import CellState, read_state, write_state
 
 SLURM_DIR = "slurm"
