@@ -1,8 +1,8 @@
 """Device selection, torchrun (re)launch, the DistributedDataParallel process group and its wrapper.
 
 One process per GPU, started by torchrun: `python -m lib.runs.train` re-executes itself through
-`python -m torch.distributed.run --standalone --nproc_per_node N` when CONFIG_TRAIN_NUM_GPUS > 1
-and it is not already a torchrun worker. On the CPU the same path runs N gloo processes (tests).
+`python -m gpt2.train.torchrun --standalone --nproc_per_node N` (torchrun, with a faster exit) when
+CONFIG_TRAIN_NUM_GPUS > 1 and it is not already a torchrun worker. On the CPU the same path runs N gloo processes (tests).
 
 Signals: torchrun runs in its own process group, so a terminal's Ctrl-C or a `kill` reaches it only
 through the re-launching process, which forwards SIGINT/SIGTERM to torchrun's group and waits for it.
@@ -54,8 +54,9 @@ def resolve_device_type(choice: str) -> str:
 
 
 def relaunch_command(num_procs: int, entry: list, args: list) -> list:
-    """torchrun with num_procs workers, each running `python <entry> <args>` (entry: ["-m", module])."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}",
+    """torchrun (gpt2.train.torchrun) with num_procs workers, each running `python <entry> <args>`
+    (entry: ["-m", module])."""
+    return [sys.executable, "-m", "gpt2.train.torchrun", "--standalone", f"--nproc_per_node={num_procs}",
             *entry, *args]
 
 
