@@ -139,10 +139,7 @@ class _Scheduler:
         if not cell.compiles or cell.variant in self.compiled:
             return False
         same = [p for p in self.running.values() if p.cell.variant == cell.variant]
-        if any(p.warmed for p in same):
-            self.compiled.add(cell.variant)
-            return False
-        return bool(same)
+        return bool(same) and not any(p.warmed for p in same)
 
     def next_ready(self):
         """(cell, GPUs it needs) of the cell to start now, or None. GPU cells start in plan order, except that one
