@@ -91,12 +91,9 @@ def cell_rows(matrix_dir: Path) -> list:
 def summarize(matrix_dir: Path, command_wall_s: float | None) -> dict:
     rows = cell_rows(matrix_dir)
     gpus = sorted({g for r in rows for g in r["gpus"].split(",") if g})
-    warm = [r for r in rows if not r["first_of_variant"]]
     started = datetime.fromtimestamp(min(r["start"] for r in rows), timezone.utc).isoformat(timespec="seconds")
     return {"dir": str(matrix_dir), "gpus": len(gpus), "cells": rows, "command_wall_s": command_wall_s, "started": started,
-            "span_s": max(r["end"] for r in rows) - min(r["start"] for r in rows),
-            "warm_wall_over_budget_max": max((r["wall_over_budget"] for r in warm), default=None),
-            "warm_compile_s_max": max((r["compile_s"] for r in warm), default=None)}
+            "span_s": max(r["end"] for r in rows) - min(r["start"] for r in rows)}
 
 
 def evaluate(runs: list) -> dict:
@@ -181,7 +178,9 @@ def main(argv=None) -> int:
             tmp = Path(tmp)
             config = tmp / "bench.config"
             write_config(config, preset, f"{settings} GPT2_MAX_TIME={budget}", tmp / "results")
-            for gpus in (["0"] + ([",".join(map(str, range(n)))] if n > 1 else []) if n else [None]):
+            # One GPU, then all of them; CUDA_VISIBLE_DEVICES left alone on the CPU (smoke).
+            pinnings = ["0"] + ([",".join(map(str, range(n)))] if n > 1 else []) if n else [None]
+            for gpus in pinnings:
                 matrix_dir, wall = run_matrix(config, gpus, tmp / f"cache-{len(runs)}")
                 runs.append(summarize(matrix_dir, wall))
                 print(f"{runs[-1]['gpus']} GPU(s): matrix {wall:.0f} s, cells' span {runs[-1]['span_s']:.0f} s",
