@@ -5,7 +5,7 @@
     python -m scripts.bench_attention --sections step-accum,kv       # re-measure two sections, merge the rest
     python -m scripts.bench_attention --smoke --out-dir /tmp/bench   # tiny CPU sizes, every function once
 
-Sections (bf16 autocast; default: sdpa, op, gates, kv, step, step-accum; --sections picks others):
+Sections (bf16 autocast; default: all but layer and compose; --sections picks others):
   sdpa        which SDPA kernel (default / flash / efficient / cuDNN) takes the widths the folds produce
   op          attention proper, per-head q, k, v -> y (the backend's fold + kernel), forward and
               forward+backward, at (B8, H12, T1024, D64) and (B2, H12, T4096, D64); also with discoverability
@@ -19,6 +19,8 @@ Sections (bf16 autocast; default: sdpa, op, gates, kv, step, step-accum; --secti
   step-accum  the trainer's whole optimizer step (gpt2.train.step.TrainStep) with --accum micro-batches of 16 for
               sdpa, ra-unified (composed QKV weight cached over the micro-steps) and ra-same-flop
   sizes       the whole step at every model size a preset uses, compiled by default and with CUDA graphs
+  compose     (on request) ra-unified's weight-composition kernels at every preset width, per launch setting,
+              beside the casts they replace (GPU time per layer): where compose_kernel.LAUNCH comes from
   loop        the step a matrix cell really runs (gpt2.train.trainer.Run built from the preset's cell config)
               for each ablation step of --loop-preset, against its first step, with an A/A control
 Kernel-level sections report GPU time (kernel durations summed by torch.profiler, so the host's launch
@@ -48,6 +50,7 @@ from bench.render import write_report
 from bench.report import DEFAULT_SECTIONS, SECTIONS, earlier_report, empty_sections, finalize, keep_earlier_sizes, \
     merge_earlier
 from bench.loop import run_loop_section
+from bench.compose import run_compose_section
 from bench.sizes import run_sizes_section
 from bench.step import STEP_VARIANTS, run_step_accum_section, run_step_section
 
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
                               profile_dir=args.out_dir if args.profile else None,
                               profile_variants=args.profile.split(",")),
             earlier, report["date"]),
+        "compose": lambda: run_compose_section(bench, w),
         "loop": lambda: run_loop_section(bench, args.loop_preset or LOOP_PRESETS[args.smoke],
                                          args.loop_steps and args.loop_steps.split(","),
                                          profile_dir=args.out_dir if args.profile else None,

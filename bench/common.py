@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+from lib.report.markdown import md_table
 from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings, OptimizerSettings
 
 BACKENDS = ["sdpa", "ra-reference", "ra-fold-full", "ra-fold-lowrank", "ra-same-flop", "ra-unified"]
@@ -201,3 +202,14 @@ def time_fwd_and_bwd(bench, forward, inputs):
         forward()
         fwd = bench.gpu_ms(forward)
     return {"fwd": fwd, "fwd_bwd": bench.gpu_ms(forward_backward), "fwd_bwd_wall": bench.ms(forward_backward)}
+
+
+# ---- text -------------------------------------------------------------------------------------
+
+def fmt(x, spec=".3f", unit=""):
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def table_lines(header, rows):
+    """A Markdown table (lib.report.markdown.md_table) as a list of lines, the form every report section returns."""
+    return md_table(header, rows).split("\n")

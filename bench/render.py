@@ -3,9 +3,9 @@
 import math
 
 from gpt2.io import atomic_write_json, atomic_write_text
-from lib.report.markdown import md_table
 
-from .common import MODES
+from .common import MODES, fmt, table_lines
+from .compose import compose_lines
 from .op import op_variants
 from .report import GOALS, best, find
 
@@ -23,15 +23,6 @@ def sdpa_lines(report):
             for r in sd["rows"]]
     return lines + table_lines(["q/k dim", "v dim", *sd["kernels"]], rows) + [""]
 
-
-
-def fmt(x, spec=".3f", unit=""):
-    return "n/a" if x is None else f"{x:{spec}}{unit}"
-
-
-def table_lines(header, rows):
-    """A Markdown table (lib.report.markdown.md_table) as a list of lines, the form every section here returns."""
-    return md_table(header, rows).split("\n")
 
 
 def render_markdown(report) -> str:
@@ -95,6 +86,7 @@ def render_markdown(report) -> str:
         lines += step_accum_lines(report["step-accum"])
     if report.get("sizes"):
         lines += size_lines(report["sizes"])
+    lines += compose_lines(report.get("compose"))
     if report.get("loop"):
         lines += loop_lines(report["loop"])
     g = report["gates"]

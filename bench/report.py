@@ -13,6 +13,8 @@ GOALS = {
     "disc_overhead": 1.05,                            # discoverability vs the same backend without it
     "kv_sampled_speedup_16k": 5.0,                    # exact / sampled selection time at T=16K
     "routing_slack": 1.05,                            # routed k of H heads vs the head-weighted mix of the paths
+    "sizes_unified_q3": 1.01,                         # ra-unified's upper quartile x sdpa at every preset size
+    "loop_steps_share": 0.99,                         # a matrix cell's steps in a matched time, x its baseline's
 }
 ROUTED = re.compile(r"^(?P<backend>.+), (?P<k>\d+)/(?P<H>\d+) heads routed$")
 
@@ -27,15 +29,15 @@ LADDER = [
 ]
 
 
-# Sections of the report (keys of the JSON) in the order they run; "layer" (whole attention modules) is on
-# request only.
-SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum", "sizes", "loop"]
+# Sections of the report (keys of the JSON) in the order they run; "layer" (whole attention modules) and "compose"
+# (ra-unified's composition kernels per launch setting) are on request only.
+SECTIONS = ["sdpa", "op", "layer", "gates", "kv", "step", "step-accum", "sizes", "compose", "loop"]
 DEFAULT_SECTIONS = ["sdpa", "op", "gates", "kv", "step", "step-accum", "sizes", "loop"]
 
 
 def empty_sections() -> dict:
     return {"sdpa": None, "op": [], "layer": [], "gates": {"shape": {}, "rows": []}, "kv": {"rows": []},
-            "step": None, "step-accum": None, "sizes": [], "loop": None}
+            "step": None, "step-accum": None, "sizes": [], "compose": None, "loop": None}
 
 
 def has_data(report, name) -> bool:
@@ -118,6 +120,16 @@ def evaluate_goals(report):
             step["ra-unified+disc"]["ms_per_step"] / step["ra-unified"]["ms_per_step"], GOALS["disc_overhead"])
     for section in ("op", "layer"):
         goals.update(routing_goals(report.get(section) or [], section, verdict))
+    for block in report.get("sizes") or []:  # issue 17 goal 1: the upper quartile, at every size a preset trains
+        q3 = block["variants"].get("ra-unified", {}).get("ratio_q3")
+        goals[f"ra-unified at {block['size']} ({block['mode']} compile): upper quartile <= "
+              f"{GOALS['sizes_unified_q3']}x sdpa"] = verdict(q3, GOALS["sizes_unified_q3"])
+    loop = report.get("loop") or {}
+    for name, r in (loop.get("variants") or {}).items():  # a cell's steps in its time budget: 1 / (x baseline)
+        if name != loop.get("baseline") and "+again" not in name and "@" not in name:
+            goals[f"{loop['workload']['preset']} {name} makes >= {GOALS['loop_steps_share']:.0%} of "
+                  f"{loop['baseline']}'s steps in a matched time (a cell's own step)"] = verdict(
+                1 / r["ratio"] if r.get("ratio") else None, GOALS["loop_steps_share"], greater=True)
     kv16 = next((r for r in report["kv"]["rows"] if r["T"] == 16384), None) if report.get("kv") else None
     speedups = [kv16.get(f"{mode}_speedup") for mode in MODES] if kv16 else []
     speedups = [x for x in speedups if x is not None]

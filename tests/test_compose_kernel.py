@@ -138,21 +138,50 @@ def test_backward_reads_a_transposed_gradient_in_place():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_c, finish_tile", [(16, 64), (16, 512), (32, 4096)])
-def test_partial_sums_over_many_column_blocks(monkeypatch, block_c, finish_tile):
-    """The backward sums per-block partials in a second kernel, which may split a head's tile over several
-    programs: every split gives the plain composition's gradients, and the same bits on a second run."""
+def launch_settings_to_check():
+    """(launch, finishing tile) pairs: every width's settings in the table, the default, and finishing tiles that
+    split a head's partials over several programs."""
+    from gpt2.model.attention.compose_kernel import DEFAULT_LAUNCH, LAUNCH, Launch
+
+    pairs = [(DEFAULT_LAUNCH, 64), (DEFAULT_LAUNCH, 512), (Launch(64, 8, 32, 4), 4096)]
+    return pairs + [(launch, 1024) for launch in sorted(set(LAUNCH.values()))]
+
+
+@pytest.mark.parametrize("launch, finish_tile", launch_settings_to_check())
+def test_launch_settings_give_the_plain_composition(monkeypatch, launch, finish_tile):
+    """Any width's launch settings (columns per program, warps) and any split of the backward's per-block partials
+    over the finishing programs give the plain composition's weights and gradients, and the same bits on a
+    second run."""
     import gpt2.model.attention.compose_kernel as kernels
 
-    monkeypatch.setattr(kernels, "BWD_BLOCK_C", block_c)
+    monkeypatch.setitem(kernels.LAUNCH, 96, launch)
     monkeypatch.setattr(kernels, "FINISH_TILE", finish_tile)
-    m = unified(96, 3, 8, True, True)  # 97 columns with the bias: 7 blocks of 16
+    m = unified(96, 3, 8, True, True)  # 97 columns with the bias: 7 blocks of 16, 4 of 32, 2 of 64
     g_w, g_b = torch.randn(3 * 96, 96, device=DEVICE), torch.randn(3 * 96, device=DEVICE)
-    _, _, grads0 = exact_plain(m, g_w, g_b)
-    _, _, grads1 = composed_and_grads(m, fused, g_w, g_b)
+    w0, b0, grads0 = exact_plain(m, g_w, g_b)
+    w1, b1, grads1 = composed_and_grads(m, fused, g_w, g_b)
     _, _, grads2 = composed_and_grads(m, fused, g_w, g_b)
+    assert rel_err(w1, w0) < 1e-6 and rel_err(b1, b0) < 1e-6
     for name, g0 in grads0.items():
         if g0 is None:  # a parameter outside the composition
             continue
         assert rel_err(grads1[name], g0) < 1e-5, name
         assert torch.equal(grads1[name], grads2[name]), f"{name}: not deterministic"
+
+
+def test_compose_benchmark_section_times_every_setting_against_the_one_in_use():
+    """`--sections compose` (smoke size): the kernels at another launch setting compute what the setting in use
+    computes, and the report names the setting in use and the fastest."""
+    from bench.common import Bench
+    from bench.compose import compose_lines, run_compose_section
+
+    bench = Bench(torch.device(DEVICE), smoke=True, budget_s=600)
+    section = run_compose_section(bench, {"rank": 2})
+    assert bench.errors == []
+    rows = section["widths"][0]["rows"]
+    for kernel in ("forward", "backward"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert len(mine) >= 2 and sum(r["in_use"] for r in mine) == 1
+        assert all(r["us"] > 0 and r["rel_diff"] < 1e-5 for r in mine)
+    text = "\n".join(compose_lines(section))
+    assert "## Weight composition kernels" in text and "*" in text and "fastest" in text

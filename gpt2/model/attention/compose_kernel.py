@@ -26,18 +26,35 @@ design summed each head's columns in one looping program; that loop was latency 
 on an H100, results/bench/attention-notes.md).
 Registered with torch.library.triton_op: torch.compile sees the kernels and launches them from its own
 generated code (a Python custom op costs ~0.3 ms of host time per call, which showed in the step time).
-Launch settings measured on an H100 with 12 layers' weights in turn (cold L2): results/bench/attention-notes.md.
+Launch settings: LAUNCH holds, per width C, the fastest of the settings `--sections compose` of the attention
+benchmark sweeps (results/bench/attention-<gpu>.md); a width it does not name takes DEFAULT_LAUNCH, which was
+tuned on an H100 at C = 768 (results/bench/attention-notes.md).
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.library import wrap_triton
 
 from .triton_support import HAVE_TRITON, kernel_op, tl, triton
 
-FWD_BLOCK_C, FWD_WARPS = 32, 4
-BWD_BLOCK_C, BWD_WARPS = 16, 4
+
+class Launch(NamedTuple):
+    """Columns per program and warps of the forward kernel and of the backward's main kernel."""
+    fwd_block_c: int
+    fwd_warps: int
+    bwd_block_c: int
+    bwd_warps: int
+
+
+DEFAULT_LAUNCH = Launch(32, 4, 16, 4)
+LAUNCH: dict[int, Launch] = {}
+
+
+def launch_for(C: int) -> Launch:
+    return LAUNCH.get(C, DEFAULT_LAUNCH)
+
 PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy from three tf32 tensor-core dots
 FINISH_TILE, FINISH_WARPS = 1024, 1  # elements of partials each finishing program sums at once
 
@@ -216,18 +233,26 @@ def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std
     """(W~ (3C, C), b~ (3C,), or an empty b~ without bias and discoverability). Gates come as their square
     roots s (w = s^2, per head or one per layer; w_rec is 0 where below rec_threshold). Absent bias / u /
     s_disc are passed as empty tensors."""
+    launch = launch_for(weight.shape[1])
+    return compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold, out_dtype,
+                           launch.fwd_block_c, launch.fwd_warps)
+
+
+def compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float, out_dtype,
+                    block_c: int, warps: int):
+    """compose_qkv's kernel launch at the given settings (the benchmark sweeps them)."""
     C = weight.shape[1]
     H, D, R = P.shape
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = has_bias or disc
     out = weight.new_empty(3 * C, C, dtype=out_dtype)
     out_b = weight.new_empty(3 * C if out_bias else 0, dtype=out_dtype)
-    grid = (H, triton.cdiv(C + int(out_bias), FWD_BLOCK_C))
+    grid = (H, triton.cdiv(C + int(out_bias), block_c))
     wrap_triton(_compose_fwd)[grid](
         weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc, out, out_b, C, std_dim,
         math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
         HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
-        BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
+        BLOCK_C=block_c, num_warps=warps)
     return out, out_b
 
 
@@ -237,11 +262,19 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
                          s_disc: torch.Tensor, std_dim: int, rec_threshold: float) -> list[torch.Tensor]:
     """[dW, db, dP, dL/ds_std, dL/ds_rec, du, dL/ds_disc]: the gate roots' gradients per head (H,), summed
     over heads by the caller for a per-layer gate; db, du, dL/ds_disc are empty where absent."""
+    launch = launch_for(weight.shape[1])
+    return compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold,
+                            launch.bwd_block_c, launch.bwd_warps)
+
+
+def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float,
+                     block_c: int, warps: int) -> list[torch.Tensor]:
+    """compose_qkv_backward's two kernel launches, the main one at the given settings (the benchmark sweeps them)."""
     C = weight.shape[1]
     H, D, R = P.shape
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = grad_bias.numel() > 0
-    n_blocks = triton.cdiv(C + int(out_bias), BWD_BLOCK_C)
+    n_blocks = triton.cdiv(C + int(out_bias), block_c)
     block_d, block_r = _block_d(D), _block_r(R, disc)
     dW, db, dP = torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(P)
     per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
@@ -253,8 +286,8 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
     wrap_triton(_compose_bwd)[(H, n_blocks)](
         grad, grad_bias, weight, bias, P, s_std, s_rec, u, dW, db, partials, partial_sums, C,
         std_dim, *grad.stride(), _stride(s_std), _stride(s_rec), rec_threshold, D=D, R=R, HAS_BIAS=has_bias,
-        OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=BWD_BLOCK_C,
-        PREC=PARTIAL_PRECISION, num_warps=BWD_WARPS)
+        OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c,
+        PREC=PARTIAL_PRECISION, num_warps=warps)
     block_n = triton.next_power_of_2(n_blocks)
     rows = max(1, min(block_d, FINISH_TILE // (block_n * block_r)))
     wrap_triton(_compose_bwd_finish)[(H, block_d // rows)](
