@@ -103,7 +103,7 @@ bench-train: | $(STAMP) ## GPU: training throughput vs a bare loop -> results/be
 bench-attention: | $(STAMP) ## GPU: every attention backend vs SDPA -> results/bench/attention-<gpu>.md
 	$(PY) -m scripts.bench_attention
 
-bench-data: | $(STAMP) ## CPU: data preparation tokens/s, 1 process vs N -> results/bench/data-prep-<host>.md
+bench-data: | $(STAMP) ## CPU: data preparation tokens/s, 1 process vs N -> results/bench/data-prep-<host>-<N>cores.md
 	$(PY) -m scripts.bench_data
 
 bench-cells: | $(STAMP) ## GPU: a matrix cell's wall time around its budget, 1 GPU vs all, cold cache -> results/bench/cells-<gpu>.md

@@ -16,7 +16,7 @@ N in two: busy cores (CPU s / wall s) below N is time the processes sat idle (st
 shards, waiting for the stream); CPU per token above 1 process's is work added (each worker's
 start-up) or slowed (cores shared with a hyperthread sibling, a lower all-core clock, memory).
 
-Writes <out-dir>/data-prep-<host>.md and .json: CPU model, usable cores, the token count, per process
+Writes <out-dir>/data-prep-<host>-<N>cores.md and .json: CPU model, usable cores, the token count, per process
 count the wall time, tokens/s, speedup over 1 process, busy cores and CPU per token.
 """
 
@@ -57,7 +57,9 @@ def cpu_model() -> str:
 
 
 def host_slug() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname().split(".")[0]) or "host"
+    """<hostname>-<N>cores: lent machines of different sizes may share a hostname."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname().split(".")[0]) or "host"
+    return f"{name}-{usable_cores()}cores"
 
 
 def shakespeare_documents(data_dir: Path) -> list[str]:

@@ -20,6 +20,7 @@ def test_smoke_run_reports_tokens_speedup_and_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     [json_path] = tmp_path.glob("data-prep-*.json")
     report = json.loads(json_path.read_text())
+    assert json_path.name.endswith(f"-{report['usable_cores']}cores.json")  # lent hosts of two sizes share a name
     one, two = report["runs"]
     assert (one["workers"], two["workers"]) == (1, 2) and one["speedup"] == 1.0
     assert report["token_cap"] == data_prep.SMOKE_TOKENS < report["tokens"] == one["tokens"] == two["tokens"]
