@@ -7,8 +7,8 @@ backward writes the fp32 gradient (plus the gates', P's and u's). Whatever the k
 ra-unified's whole extra cost per micro-step. The section times, per width, the casts and each candidate launch
 setting of the two kernels, with one layer's tensors per model layer in turn (at least MIN_COPIES, so the L2
 cache holds none of them, as in a training step), as GPU time per layer. Each candidate's output is compared with
-the settings in use, so a faster setting that computes something else shows. The fastest setting per width goes
-into gpt2.model.attention.compose_kernel.LAUNCH by hand, with the report it came from.
+the settings in use, so a faster setting that computes something else shows. compose_kernel's FWD_BLOCK_C and
+the others come from this table.
 """
 
 import torch
@@ -77,7 +77,6 @@ def run_compose_section(bench, w):
         D, R = C // H, w["rank"]
         copies = 1 if bench.smoke else max(MIN_COPIES, shape["n_layer"])
         layers = layer_tensors(shape, R, bench.device, copies)
-        in_use = ck.launch_for(C)
 
         def per_layer_us(fn):
             return bench.attempt(f"compose {name}", lambda: 1000 * bench.gpu_ms(fn) / copies)
@@ -91,12 +90,11 @@ def run_compose_section(bench, w):
         casts = {"forward": per_layer_us(lambda: [(a[0].to(torch.bfloat16), a[1].to(torch.bfloat16))
                                                   for a, _, _ in layers]),
                  "backward": per_layer_us(lambda: [(G.float(), Gb.float()) for _, G, Gb in layers])}
-        refs = {"forward": forward(in_use.fwd_block_c, in_use.fwd_warps)[0],
-                "backward": backward(in_use.bwd_block_c, in_use.bwd_warps)[0]}
+        fwd_used, bwd_used = (ck.FWD_BLOCK_C, ck.FWD_WARPS), (ck.BWD_BLOCK_C, ck.BWD_WARPS)
+        refs = {"forward": forward(*fwd_used)[0], "backward": backward(*bwd_used)[0]}
         rows = []
         for kernel, run, candidates, used in (
-                ("forward", forward, FWD_CANDIDATES, (in_use.fwd_block_c, in_use.fwd_warps)),
-                ("backward", backward, BWD_CANDIDATES, (in_use.bwd_block_c, in_use.bwd_warps))):
+                ("forward", forward, FWD_CANDIDATES, fwd_used), ("backward", backward, BWD_CANDIDATES, bwd_used)):
             for block_c, warps in candidates if not bench.smoke else [used, candidates[0]]:
                 first = bench.attempt(f"compose {name} {kernel} {block_c}x{warps}", lambda: run(block_c, warps)[0])
                 us = per_layer_us(lambda: run(block_c, warps)) if first is not None else None

@@ -138,24 +138,21 @@ def test_backward_reads_a_transposed_gradient_in_place():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def launch_settings_to_check():
-    """(launch, finishing tile) pairs: every width's settings in the table, the default, and finishing tiles that
-    split a head's partials over several programs."""
-    from gpt2.model.attention.compose_kernel import DEFAULT_LAUNCH, LAUNCH, Launch
-
-    pairs = [(DEFAULT_LAUNCH, 64), (DEFAULT_LAUNCH, 512), (Launch(64, 8, 32, 4), 4096)]
-    return pairs + [(launch, 1024) for launch in sorted(set(LAUNCH.values()))]
+# (forward columns x warps, backward columns x warps, finishing tile): the settings in use, the sweep's others,
+# and finishing tiles that split a head's partials over several programs.
+LAUNCHES = [((32, 4), (16, 4), 64), ((32, 4), (16, 4), 512), ((16, 2), (32, 4), 1024), ((64, 8), (64, 8), 4096)]
 
 
-@pytest.mark.parametrize("launch, finish_tile", launch_settings_to_check())
-def test_launch_settings_give_the_plain_composition(monkeypatch, launch, finish_tile):
-    """Any width's launch settings (columns per program, warps) and any split of the backward's per-block partials
-    over the finishing programs give the plain composition's weights and gradients, and the same bits on a
-    second run."""
+@pytest.mark.parametrize("fwd, bwd, finish_tile", LAUNCHES)
+def test_launch_settings_give_the_plain_composition(monkeypatch, fwd, bwd, finish_tile):
+    """Any launch setting the benchmark sweeps (columns per program, warps) and any split of the backward's
+    per-block partials over the finishing programs give the plain composition's weights and gradients, and the
+    same bits on a second run."""
     import gpt2.model.attention.compose_kernel as kernels
 
-    monkeypatch.setitem(kernels.LAUNCH, 96, launch)
-    monkeypatch.setattr(kernels, "FINISH_TILE", finish_tile)
+    for name, value in zip(("FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_C", "BWD_WARPS", "FINISH_TILE"),
+                           (*fwd, *bwd, finish_tile)):
+        monkeypatch.setattr(kernels, name, value)
     m = unified(96, 3, 8, True, True)  # 97 columns with the bias: 7 blocks of 16, 4 of 32, 2 of 64
     g_w, g_b = torch.randn(3 * 96, 96, device=DEVICE), torch.randn(3 * 96, device=DEVICE)
     w0, b0, grads0 = exact_plain(m, g_w, g_b)

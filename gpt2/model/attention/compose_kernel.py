@@ -26,13 +26,10 @@ design summed each head's columns in one looping program; that loop was latency 
 on an H100, results/bench/attention-notes.md).
 Registered with torch.library.triton_op: torch.compile sees the kernels and launches them from its own
 generated code (a Python custom op costs ~0.3 ms of host time per call, which showed in the step time).
-Launch settings: LAUNCH holds, per width C, the fastest of the settings `--sections compose` of the attention
-benchmark sweeps (results/bench/attention-<gpu>.md); a width it does not name takes DEFAULT_LAUNCH, which was
-tuned on an H100 at C = 768 (results/bench/attention-notes.md).
+Launch settings measured per width: FWD_BLOCK_C and the others below.
 """
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch.library import wrap_triton
@@ -40,21 +37,11 @@ from torch.library import wrap_triton
 from .triton_support import HAVE_TRITON, kernel_op, tl, triton
 
 
-class Launch(NamedTuple):
-    """Columns per program and warps of the forward kernel and of the backward's main kernel."""
-    fwd_block_c: int
-    fwd_warps: int
-    bwd_block_c: int
-    bwd_warps: int
-
-
-DEFAULT_LAUNCH = Launch(32, 4, 16, 4)
-LAUNCH: dict[int, Launch] = {}
-
-
-def launch_for(C: int) -> Launch:
-    return LAUNCH.get(C, DEFAULT_LAUNCH)
-
+# Columns per program and warps of the forward kernel and of the backward's main kernel: at every width a preset
+# trains (C = 384, 768, 1024) the fastest of the settings `--sections compose` sweeps, or within 2.4% of it
+# (H200, results/bench/attention-nvidia-h200.md; first tuned on an H100 at C = 768, attention-notes.md).
+FWD_BLOCK_C, FWD_WARPS = 32, 4
+BWD_BLOCK_C, BWD_WARPS = 16, 4
 PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy from three tf32 tensor-core dots
 FINISH_TILE, FINISH_WARPS = 1024, 1  # elements of partials each finishing program sums at once
 
@@ -233,9 +220,8 @@ def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std
     """(W~ (3C, C), b~ (3C,), or an empty b~ without bias and discoverability). Gates come as their square
     roots s (w = s^2, per head or one per layer; w_rec is 0 where below rec_threshold). Absent bias / u /
     s_disc are passed as empty tensors."""
-    launch = launch_for(weight.shape[1])
     return compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold, out_dtype,
-                           launch.fwd_block_c, launch.fwd_warps)
+                           FWD_BLOCK_C, FWD_WARPS)
 
 
 def compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float, out_dtype,
@@ -262,9 +248,8 @@ def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: to
                          s_disc: torch.Tensor, std_dim: int, rec_threshold: float) -> list[torch.Tensor]:
     """[dW, db, dP, dL/ds_std, dL/ds_rec, du, dL/ds_disc]: the gate roots' gradients per head (H,), summed
     over heads by the caller for a per-layer gate; db, du, dL/ds_disc are empty where absent."""
-    launch = launch_for(weight.shape[1])
     return compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold,
-                            launch.bwd_block_c, launch.bwd_warps)
+                            BWD_BLOCK_C, BWD_WARPS)
 
 
 def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float,
