@@ -74,6 +74,10 @@ def parse_args(argv):
                         help="comma-separated whole-step variants (step and sizes sections) or ablation steps (loop "
                              "section) whose kernel and host tables (CUDA) are written to the output directory as "
                              "profile-<variant>.txt, profile-<size>-<mode>-<variant>.txt, resp. profile-loop-<step>.txt")
+    parser.add_argument("--profile-rows", default=None, metavar="LABELS",
+                        help="op and layer sections: semicolon-separated row labels whose compiled fwd+bwd kernel "
+                             "and host tables (CUDA) are written to the output directory as "
+                             "profile-<section>-<label>-<shape>-compiled.txt")
     parser.add_argument("--step-variants", default=",".join(STEP_VARIANTS),
                         help="comma-separated whole-step variants (backend or backend+disc); sdpa is the baseline")
     parser.add_argument("--op-variants", default=None, metavar="LABELS",
@@ -139,10 +143,11 @@ def main(argv=None) -> int:
     variants = [v for v in args.step_variants.split(",") if v]
     if "sdpa" not in variants:
         variants.insert(0, "sdpa")
+    row_profiles = (args.out_dir if args.profile_rows else None), (args.profile_rows or "").split(";")
     runners = {
         "sdpa": lambda: run_sdpa_section(bench, w),
-        "op": lambda: run_op_section(bench, w, "op", args.op_variants),
-        "layer": lambda: run_op_section(bench, w, "layer", args.op_variants),
+        "op": lambda: run_op_section(bench, w, "op", args.op_variants, *row_profiles),
+        "layer": lambda: run_op_section(bench, w, "layer", args.op_variants, *row_profiles),
         "gates": lambda: run_gate_section(bench, w),
         "kv": lambda: run_kv_section(bench, w),
         "step": lambda: run_step_section(bench, w, variants, rounds=args.step_rounds,

@@ -190,8 +190,9 @@ def compile_fn(fn, smoke):
     return fn if smoke else torch.compile(fn, dynamic=False)
 
 
-def time_fwd_and_bwd(bench, forward, inputs):
-    """{fwd, fwd_bwd: GPU kernel ms; fwd_bwd_wall: wall ms} of forward() and forward() + gradients to inputs."""
+def time_fwd_and_bwd(bench, forward, inputs, profile=None):
+    """{fwd, fwd_bwd: GPU kernel ms; fwd_bwd_wall: wall ms} of forward() and forward() + gradients to inputs;
+    profile(forward_backward), if given, runs after the timings (a kernel table of the same calls)."""
     grad = torch.randn_like(forward())
 
     def forward_backward():
@@ -201,7 +202,10 @@ def time_fwd_and_bwd(bench, forward, inputs):
     with torch.no_grad():
         forward()
         fwd = bench.gpu_ms(forward)
-    return {"fwd": fwd, "fwd_bwd": bench.gpu_ms(forward_backward), "fwd_bwd_wall": bench.ms(forward_backward)}
+    out = {"fwd": fwd, "fwd_bwd": bench.gpu_ms(forward_backward), "fwd_bwd_wall": bench.ms(forward_backward)}
+    if profile is not None:
+        profile(forward_backward)
+    return out
 
 
 # ---- text -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from gpt2.model.attention import build_attention
 
 from .common import BACKENDS, FAST_RA, MODES, NO_KV, act_dtype, attention_settings, autocast, compile_fn, \
     model_settings, time_fwd_and_bwd
+from .step import profile_step
 
 # Variants whose compiled op is worth its compile time: ra-unified's op is plain SDPA (its fold is in the
 # GEMM) and ra-reference is slow by design.
@@ -34,7 +35,7 @@ def build_module(variant, routed, H, D, T_max, rank, device):
 
 
 
-def measure_op(bench, module, fn, shape):
+def measure_op(bench, module, fn, shape, profile=None):
     """Attention proper: q, k, v (views of one QKV tensor, as in the model) -> y."""
     B, H, T, D = shape
     device = bench.device
@@ -46,10 +47,10 @@ def measure_op(bench, module, fn, shape):
         with autocast(device):
             return fn(q, k, v)
 
-    return time_fwd_and_bwd(bench, forward, [qkv] + extras)
+    return time_fwd_and_bwd(bench, forward, [qkv] + extras, profile)
 
 
-def measure_layer(bench, module, fn, shape):
+def measure_layer(bench, module, fn, shape, profile=None):
     """The whole attention module x -> out (projections included)."""
     B, H, T, D = shape
     device = bench.device
@@ -59,11 +60,12 @@ def measure_layer(bench, module, fn, shape):
         with autocast(device):
             return fn(x)
 
-    return time_fwd_and_bwd(bench, forward, [x] + list(module.parameters()))
+    return time_fwd_and_bwd(bench, forward, [x] + list(module.parameters()), profile)
 
 
-def run_op_section(bench, w, name, labels=None):
-    """Every op variant (or those of `labels`) at every shape, eager and (COMPILED_OP_VARIANTS) compiled."""
+def run_op_section(bench, w, name, labels=None, profile_dir=None, profile_labels=()):
+    """Every op variant (or those of `labels`) at every shape, eager and (COMPILED_OP_VARIANTS) compiled;
+    the compiled fwd+bwd of profile_labels' rows also as kernel tables in profile_dir (CUDA)."""
     shapes = w["op_shapes"]
     H, D = shapes[0][1], shapes[0][3]
     T_max = max(shape[2] for shape in shapes)
@@ -82,8 +84,13 @@ def run_op_section(bench, w, name, labels=None):
         for shape in shapes:
             row = rows.setdefault((label, tuple(shape)), {"label": label, "shape": list(shape)})
             for mode, fn in fns.items():
-                print(f"{name} {label} {shape} {mode}", flush=True)
-                r = bench.attempt(f"{name} {label} {shape} {mode}", lambda m=module, f=fn, s=shape: measure(bench, m, f, s))
+                what = f"{name} {label} {shape} {mode}"
+                print(what, flush=True)
+                profile = None
+                if profile_dir is not None and label in profile_labels and mode == "compiled" \
+                        and bench.device.type == "cuda":
+                    profile = lambda fwd_bwd, what=what: profile_step(fwd_bwd, what, profile_dir)  # noqa: E731
+                r = bench.attempt(what, lambda m=module, f=fn, s=shape, p=profile: measure(bench, m, f, s, p))
                 for part, value in (r or {}).items():
                     row[f"{mode}_{part}_ms"] = value
         del module, fns

@@ -94,8 +94,8 @@ def evaluate_goals(report):
     goals = {}
 
     def verdict(value, limit, greater=False):
-        if value is None:
-            return {"value": None, "goal": limit, "met": None}
+        if value is None or limit is None:  # not measured, or (routing) the limit's own row not measured
+            return {"value": value, "goal": limit, "met": None}
         return {"value": value, "goal": limit, "met": value >= limit if greater else value <= limit}
 
     goals["ra-unified whole step <= 1.005x"] = verdict(step.get("ra-unified", {}).get("ratio"), GOALS["step_unified"])

@@ -158,3 +158,22 @@ def test_routing_is_judged_against_the_head_weighted_mix_of_its_two_paths():
     assert "<= 1.17x" in next(name for name in goals if name.startswith("ra-fold-full, 3/12"))
     lowrank = next(v for name, v in goals.items() if name.startswith("ra-fold-lowrank, 6/12"))
     assert lowrank["goal"] == pytest.approx((6 + 6 * 1.5) / 12 * 1.05) and lowrank["met"] is False
+
+
+def test_a_routed_row_without_its_all_heads_row_has_no_verdict():
+    """`--op-variants` may measure a routed row without the backend's all-heads row, which sets its limit: the
+    goal is then unjudged (it used to raise comparing a ratio with None, and the run lost its report)."""
+    from bench.report import evaluate_goals
+
+    routed = {"label": "ra-fold-full, 6/12 heads routed", "shape": [8, 12, 1024, 64], "compiled_fwd_bwd_ratio": 1.49}
+    report = {"step": None, "op": [], "layer": [routed], "workload": {"op_shapes": [[8, 12, 1024, 64]]},
+              "kv": {"rows": []}}
+
+    def routing_goal():
+        [goal] = [g for name, g in evaluate_goals(report).items() if "routed (layer" in name]
+        return goal
+
+    assert routing_goal() == {"value": 1.49, "goal": None, "met": None}
+    report["layer"].append({"label": "ra-fold-full", "shape": [8, 12, 1024, 64], "compiled_fwd_bwd_ratio": 1.43})
+    judged = routing_goal()
+    assert judged["goal"] == pytest.approx((6 + 6 * 1.43) / 12 * 1.05) and judged["met"] is False
