@@ -78,7 +78,8 @@ def cell_rows(matrix_dir: Path) -> list:
                      "wall_s": state["finished_at"] - state["started_at"], "budget_s": m["budget"]["max_time_s"],
                      "train_s": m["train_time_s"], "compile_s": m["compile_time_s"], "eval_s": m["eval_time_s"],
                      "checkpoint_s": m["checkpoint_time_s"], "startup_s": m["overhead"]["startup_s"],
-                     "setup_s": m["overhead"]["setup_s"], "other_s": m["overhead"]["other_s"]})
+                     "setup_s": m["overhead"]["setup_s"], "setup_parts_s": m["overhead"].get("setup_parts_s") or {},
+                     "other_s": m["overhead"]["other_s"]})
     rows.sort(key=lambda r: r["start"])
     seen = set()
     for r in rows:
@@ -125,10 +126,11 @@ def render(report: dict) -> str:
                   f"`{Path(run['dir']).name}`, started {run['started']}: {walls}cells' span {run['span_s']:.0f} s.", ""]
         lines.append(md_table(
             ["cell", "GPUs", "first of its variant", "wall s", "budget s", "wall / budget", "start-up s", "setup s",
-             "compile s", "eval s", "checkpoints s", "logs/records s"],
+             "compile s", "eval s", "checkpoints s", "logs/records s", "setup by phase s"],
             [[r["cell"], r["gpus"], "yes" if r["first_of_variant"] else "no", f"{r['wall_s']:.1f}",
               f"{r['budget_s']}", f"{r['wall_over_budget']:.3f}x", f"{r['startup_s']:.1f}", f"{r['setup_s']:.1f}",
-              f"{r['compile_s']:.1f}", f"{r['eval_s']:.1f}", f"{r['checkpoint_s']:.1f}", f"{r['other_s']:.1f}"]
+              f"{r['compile_s']:.1f}", f"{r['eval_s']:.1f}", f"{r['checkpoint_s']:.1f}", f"{r['other_s']:.1f}",
+              ", ".join(f"{k} {v:.1f}" for k, v in r.get("setup_parts_s", {}).items() if v >= 0.05) or "-"]
              for r in run["cells"]]))
         lines.append("")
     lines += ["## Goals", "", md_table(["goal", "measured", "verdict"],

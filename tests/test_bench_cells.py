@@ -21,9 +21,13 @@ def test_smoke_run_times_two_real_cells_from_their_records(tmp_path):
     for cell in run["cells"]:  # each trained its 2 s budget (a step past it on a busy CPU), and its wall time
         assert cell["budget_s"] == 2 and cell["train_s"] >= 2  # holds that and the overheads
         assert cell["wall_s"] > cell["train_s"] + cell["compile_s"] + cell["eval_s"]
+        # the setup's phases, timed by the trainer, add up to no more than its setup
+        assert {"process", "data", "model", "resume", "records"} <= set(cell["setup_parts_s"])
+        assert 0 < sum(cell["setup_parts_s"].values()) <= cell["setup_s"] + 1e-3
     assert run["command_wall_s"] > run["span_s"] >= first["wall_s"] + second["wall_s"]  # one CPU cell at a time
     assert "cells after the first of their variant <= 1.3x their budget" in report["goals"]
-    assert "| V0-s2 |" in (tmp_path / "cells-cpu-smoke.md").read_text()
+    markdown = (tmp_path / "cells-cpu-smoke.md").read_text()
+    assert "| V0-s2 |" in markdown and "setup by phase s" in markdown and "model " in markdown
 
 
 def test_goals_count_only_warm_cells_and_scale_by_the_gpu_count():

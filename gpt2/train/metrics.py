@@ -98,7 +98,7 @@ class SessionClock:
         startup_s   process start -> the run object: interpreter, imports, configuration, run lock
                     (None without /proc; a process that trains several runs, like a test, counts them all)
         setup_s     the run object -> the loop: process group, run directory, env.json, data, model,
-                    optimizer, the checkpoint resumed from
+                    optimizer, the checkpoint resumed from; setup_parts_s splits it by phase (phase())
         other_s     loop time in none of its accounts: log lines, eval.jsonl and metrics.json, machine
                     samples (nvidia-smi at every evaluation), routing refreshes
         teardown_s  the end of the loop -> this record (closing line)
@@ -113,6 +113,16 @@ class SessionClock:
         self.startup_s = process_age_s()
         self.loop_start = self.loop_end = None
         self.accounted_at_start = self.accounted_at_end = 0.0
+        self.setup_parts = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time one phase of the setup into setup_parts_s[name]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.setup_parts[name] = self.setup_parts.get(name, 0.0) + time.perf_counter() - t0
 
     def start_loop(self, p) -> None:
         self.loop_start, self.accounted_at_start = time.perf_counter(), accounted_s(p)
@@ -133,7 +143,8 @@ class SessionClock:
 
     def record(self, p) -> dict:
         now = time.perf_counter()
-        return {"startup_s": self.startup_s, "setup_s": self.setup_s(), "other_s": self.other_s(p),
+        return {"startup_s": self.startup_s, "setup_s": self.setup_s(),
+                "setup_parts_s": {k: round(v, 3) for k, v in self.setup_parts.items()}, "other_s": self.other_s(p),
                 "teardown_s": now - self.loop_end if self.loop_end else None,
                 "process_s": (self.startup_s or 0.0) + now - self.created}
 

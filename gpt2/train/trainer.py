@@ -77,10 +77,21 @@ class Run:
     def setup(self):
         """Everything the loop needs, in order: process group, run directory and logging, data, model and
         step, the checkpoint to resume from, and the run's records."""
-        self.start_process()
-        self.prepare_data()
-        self.build_model_and_step()
-        resume_iter = self.resume_from_checkpoint()
+        clock = self.session
+        with clock.phase("process"):
+            self.start_process()
+        with clock.phase("data"):
+            self.prepare_data()
+        with clock.phase("model"):
+            self.build_model_and_step()
+        with clock.phase("resume"):
+            resume_iter = self.resume_from_checkpoint()
+        with clock.phase("records"):
+            self.start_records(resume_iter)
+        refresh_routing(self)  # the loaded (or initial) gates decide the routing before the first step
+
+    def start_records(self, resume_iter):
+        """The session count, the eval log, the throughput constants, the tracker and the header lines."""
         s = self.s
         self.p.sessions += 1
         self.wall_base = self.p.wall_time_s
@@ -92,7 +103,6 @@ class Run:
         self.tracker = build_tracker(s, self.run_dir, enabled=self.dctx.is_main)
         for line in header_lines(self, resume_iter):
             log.info(line)
-        refresh_routing(self)  # the loaded (or initial) gates decide the routing before the first step
 
     def start_process(self):
         """Process group, budget, run directory, logging, device settings and seeds."""
@@ -231,11 +241,13 @@ def run(settings, config_path, run_dir, resume: bool = False, argv=None) -> int:
     stop = StopSignals()
     stop.install()
     try:
-        with collection_paused():  # torch.optim imports torch._dynamo at the first optimizer: here, faster
+        # torch.optim imports torch._dynamo at the first optimizer: here, with collection paused, faster
+        with r.session.phase("imports"), collection_paused():
             import torch._dynamo  # noqa: F401
         r.setup()
         if r.dctx.is_main:
-            write_metrics(r.run_dir, summary(r))
+            with r.session.phase("records"):
+                write_metrics(r.run_dir, summary(r))
         stop.defer()  # from here on a signal stops the loop after its step, with a checkpoint
         signum = train(r, stop)
         r.machine.finish()

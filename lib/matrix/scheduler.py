@@ -230,7 +230,7 @@ def run_matrix(matrix_dir, plan, options: RunOptions = None) -> Outcome:
     if options.preload_trainer is None:  # the real trainer (not a test's stand-in command)
         options = dataclasses.replace(options, preload_trainer=options.train_command is None)
     if options.preload_trainer:
-        ForkedTrainer.preload()
+        ForkedTrainer.preload(compiles=any(c.compiles for c in todo))
         if any(gpus_needed(c, gpu_ids) for c in todo) and not ForkedTrainer.cuda_fork_safe():
             console.message("GPU cells start as new processes: this process has started CUDA, so a forked "
                             "child could not use it")
