@@ -189,9 +189,17 @@ def merge_earlier(report, json_path: Path, sections) -> list:
 def keep_earlier_sizes(blocks, earlier: dict, date) -> list:
     """The sizes section after a run that measured only some (size, compile mode) blocks (--sizes,
     --compile-modes): the new blocks, dated, and every block of the earlier report's section (same device,
-    already merged by merge_earlier's rules) that was not re-measured, with the date it was measured."""
+    already merged by merge_earlier's rules) that was not re-measured, with the date it was measured.
+    A new block that measured no ratio (every variant skipped, e.g. for the time budget) does not replace an
+    earlier one that did."""
+    def measured(block):
+        return any(v.get("ratio") is not None and name != "sdpa" for name, v in block["variants"].items())
+
+    earlier_blocks = {(b["size"], b["mode"]): b for b in earlier.get("sizes") or []}
+    blocks = [b for b in blocks if measured(b) or not measured(earlier_blocks.get((b["size"], b["mode"]),
+                                                                                  {"variants": {}}))]
     fresh = {(b["size"], b["mode"]) for b in blocks}
     earlier_date = (earlier.get("section_runs") or {}).get("sizes", {}).get("date", earlier.get("date"))
-    kept = [{**b, "date": b.get("date", earlier_date)} for b in earlier.get("sizes") or []
+    kept = [{**b, "date": b.get("date", earlier_date)} for b in earlier_blocks.values()
             if (b["size"], b["mode"]) not in fresh]
     return kept + [{**b, "date": date} for b in blocks]

@@ -142,6 +142,23 @@ def test_a_partial_sizes_run_keeps_the_blocks_it_did_not_measure():
                                                                              "date": "d3"}]
 
 
+def test_a_sizes_block_the_time_budget_skipped_keeps_the_earlier_measurement():
+    """A run whose budget ran out before a block's variants (every ratio skipped) left the report with "not
+    measured" where an earlier run had measured that block."""
+    from bench.report import keep_earlier_sizes
+
+    measured = {"size": "mini", "mode": "reduce-overhead", "variants": {"sdpa": {"ratio": 1.0},
+                                                                      "ra-unified": {"ratio": 1.0053}}}
+    skipped = {"size": "mini", "mode": "reduce-overhead", "variants": {
+        "sdpa": {"ratio": 1.0}, "ra-unified": {"ratio": None, "skipped": "time budget (103 s left)"}}}
+    fresh = {"size": "mini", "mode": "default", "variants": {"sdpa": {"ratio": 1.0}, "ra-unified": {"ratio": 1.02}}}
+    merged = keep_earlier_sizes([fresh, skipped], {"date": "d1", "sizes": [measured]}, "d2")
+    assert [(b["mode"], b["date"], b["variants"]["ra-unified"]["ratio"]) for b in merged] == \
+        [("reduce-overhead", "d1", 1.0053), ("default", "d2", 1.02)]
+    # With nothing measured before, the skipped block is what the report has to say.
+    assert keep_earlier_sizes([skipped], {"date": "d1", "sizes": []}, "d2") == [{**skipped, "date": "d2"}]
+
+
 def test_routing_is_judged_against_the_head_weighted_mix_of_its_two_paths():
     # Issue 17's example: 3 of 12 heads on a path that costs 1.46x for all heads -> at most 1.17x.
     from bench.report import evaluate_goals
