@@ -187,8 +187,13 @@ def test_metrics_and_the_closing_line_split_the_wall_time(make_config, tmp_path)
     assert train_in_process(config, run_dir) == 0
     m = metrics(run_dir)
     overhead = m["overhead"]
-    assert set(overhead) == {"startup_s", "setup_s", "other_s", "teardown_s", "process_s"}
+    assert set(overhead) == {"startup_s", "setup_s", "setup_parts_s", "other_s", "teardown_s", "process_s"}
+    phases = overhead.pop("setup_parts_s")
     assert all(overhead[k] >= 0 for k in overhead)
+    # the setup's phases, in the order they ran, add up to nearly all of it (the rest: routing, bookkeeping)
+    assert list(phases) == ["imports", "process", "data", "model", "resume", "records"]
+    assert all(v >= 0 for v in phases.values())
+    assert 0.9 * overhead["setup_s"] - 0.01 <= sum(phases.values()) <= overhead["setup_s"] + 0.01
     loop_s = m["train_time_s"] + m["compile_time_s"] + m["eval_time_s"] + m["checkpoint_time_s"]
     parts = overhead["startup_s"] + overhead["setup_s"] + loop_s + overhead["other_s"] + overhead["teardown_s"]
     assert parts == pytest.approx(overhead["process_s"], abs=0.05)  # nothing unaccounted up to the record
