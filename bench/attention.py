@@ -20,7 +20,7 @@ Sections (bf16 autocast; default: all but layer and compose; --sections picks ot
               sdpa, ra-unified (composed QKV weight cached over the micro-steps) and ra-same-flop
   sizes       the whole step at every model size a preset uses, compiled by default and with CUDA graphs
   compose     (on request) ra-unified's weight-composition kernels at every preset width, per launch setting,
-              beside the casts they replace (GPU time per layer): where compose_kernel.LAUNCH comes from
+              beside the casts they replace (GPU time per layer): where compose_kernel's launch settings come from
   loop        the step a matrix cell really runs (gpt2.train.trainer.Run built from the preset's cell config)
               for each ablation step of --loop-preset, against its first step, with an A/A control
 Kernel-level sections report GPU time (kernel durations summed by torch.profiler, so the host's launch

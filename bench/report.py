@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from .common import FAST_RA, MODES
+from .step import BASELINE
 
 GOALS = {
     "step_unified": 1.005, "step_same_flop": 1.005,   # whole step, x baseline
@@ -193,7 +194,7 @@ def keep_earlier_sizes(blocks, earlier: dict, date) -> list:
     A new block that measured no ratio (every variant skipped, e.g. for the time budget) does not replace an
     earlier one that did."""
     def measured(block):
-        return any(v.get("ratio") is not None and name != "sdpa" for name, v in block["variants"].items())
+        return any(v.get("ratio") is not None and name != BASELINE for name, v in block["variants"].items())
 
     earlier_blocks = {(b["size"], b["mode"]): b for b in earlier.get("sizes") or []}
     blocks = [b for b in blocks if measured(b) or not measured(earlier_blocks.get((b["size"], b["mode"]),
