@@ -38,7 +38,7 @@ from .triton_support import HAVE_TRITON, kernel_op, tl, triton
 
 
 # Columns per program and warps of the forward kernel and of the backward's main kernel: at every width a preset
-# trains (C = 384, 768, 1024) the fastest of the settings `--sections compose` sweeps, or within 2.4% of it
+# trains (C = 384, 768, 1024) the fastest of the settings `--sections compose` sweeps, or within 4% of it
 # (H200, results/bench/attention-nvidia-h200.md; first tuned on an H100 at C = 768, attention-notes.md).
 FWD_BLOCK_C, FWD_WARPS = 32, 4
 BWD_BLOCK_C, BWD_WARPS = 16, 4
@@ -169,24 +169,29 @@ if HAVE_TRITON:
         wk_gq = tl.dot(wk, tl.trans(g_qrec), input_precision=PREC)  # W_k g_qrec^T; column R: du
         part = tl.where((r < R)[None, :], wq_gk + wr * wk_gq, wk_gq)
         slot = h * n_blocks + blk
-        tl.store(part_ptr + (slot * BLOCK_D + d[:, None]) * BLOCK_R + r[None, :], part)
+        # Only the D x R1 entries that are gradients (R1 = R, + 1 for u): the dots' padding stays in registers.
+        R1: tl.constexpr = R + DISC
+        tl.store(part_ptr + (slot * D + d[:, None]) * R1 + r[None, :], part,
+                 mask=(d < D)[:, None] & (r < R1)[None, :])
         tl.store(part_s_ptr + 2 * slot, tl.sum(tl.sum(tl.where(std, gq * wq, 0.0), axis=1), axis=0))
         tl.store(part_s_ptr + 2 * slot + 1, tl.sum(tl.sum(p * wk_gq, axis=1), axis=0))
 
     @triton.jit
     def _compose_bwd_finish(part_ptr, part_s_ptr, gb_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
                             du_ptr, dsd_ptr, n_blocks, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
-                            D: tl.constexpr, R: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Head h, rows ROWS*j.. of the partial tiles: sum the column blocks' partials (one tile load, one
-        tl.sum, so the order is fixed and the result deterministic) into dP, du and the gate roots' grads."""
+                            D: tl.constexpr, R: tl.constexpr, DISC: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        """Head h, entries BLOCK_E*j.. of the D x R1 partials (R1 = R, + 1 for u): sum the column blocks'
+        partials (one tile load, one tl.sum, so the order is fixed and the result deterministic) into dP, du
+        and the gate roots' grads."""
         h, j = tl.program_id(0), tl.program_id(1)
+        R1: tl.constexpr = R + DISC
         n = tl.arange(0, BLOCK_N)
-        e = tl.arange(0, ROWS * BLOCK_R)
-        tile = tl.load(part_ptr + ((h * n_blocks + n[:, None]) * BLOCK_D + j * ROWS) * BLOCK_R + e[None, :],
-                       mask=(n < n_blocks)[:, None], other=0.0)
+        e = j * BLOCK_E + tl.arange(0, BLOCK_E)
+        tile = tl.load(part_ptr + (h * n_blocks + n[:, None]) * (D * R1) + e[None, :],
+                       mask=(n < n_blocks)[:, None] & (e < D * R1)[None, :], other=0.0)
         total = tl.sum(tile, axis=0)
-        d, r = j * ROWS + e // BLOCK_R, e % BLOCK_R
+        d, r = e // R1, e % R1
         tl.store(dP_ptr + h * D * R + d * R + r, total, mask=(d < D) & (r < R))
         if DISC:
             tl.store(du_ptr + h * D + d, total, mask=(d < D) & (r == R))
@@ -265,7 +270,7 @@ def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, 
     per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
     d_std, d_rec, d_disc = per_head(s_std), per_head(s_rec), per_head(s_disc)
     du = torch.empty_like(u)
-    partials = weight.new_empty(H * n_blocks * block_d * block_r, dtype=torch.float32)
+    partials = weight.new_empty(H * n_blocks * D * (R + int(disc)), dtype=torch.float32)
     partial_sums = weight.new_empty(H * n_blocks * 2, dtype=torch.float32)
     P, u, grad_bias = P.contiguous(), u.contiguous(), grad_bias.contiguous()
     wrap_triton(_compose_bwd)[(H, n_blocks)](
@@ -274,11 +279,12 @@ def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, 
         OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c,
         PREC=PARTIAL_PRECISION, num_warps=warps)
     block_n = triton.next_power_of_2(n_blocks)
-    rows = max(1, min(block_d, FINISH_TILE // (block_n * block_r)))
-    wrap_triton(_compose_bwd_finish)[(H, block_d // rows)](
+    entries = D * (R + int(disc))
+    block_e = min(triton.next_power_of_2(entries), max(1, FINISH_TILE // block_n))
+    wrap_triton(_compose_bwd_finish)[(H, triton.cdiv(entries, block_e))](
         partials, partial_sums, grad_bias, s_std, s_rec, s_disc, dP, d_std, d_rec, du, d_disc, n_blocks,
         math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R, DISC=disc,
-        BLOCK_D=block_d, BLOCK_R=block_r, ROWS=rows, BLOCK_N=block_n, num_warps=FINISH_WARPS)
+        BLOCK_E=block_e, BLOCK_N=block_n, num_warps=FINISH_WARPS)
     return [dW, db, dP, d_std, d_rec, du, d_disc]
 
 
