@@ -48,7 +48,7 @@ from bench.kernels import run_gate_section, run_kv_section, run_sdpa_section
 from bench.op import op_variants, run_op_section
 from bench.render import write_report
 from bench.report import DEFAULT_SECTIONS, SECTIONS, earlier_report, empty_sections, finalize, keep_earlier_sizes, \
-    merge_earlier
+    merge_earlier, sizes_section_run
 from bench.loop import run_loop_section
 from bench.compose import run_compose_section
 from bench.sizes import run_sizes_section
@@ -171,7 +171,11 @@ def main(argv=None) -> int:
         if name in sections:
             bench.section, t0 = name, time.perf_counter()
             report[name] = runners[name]()
-            report["section_runs"][name] = {"date": report["date"], "section_s": time.perf_counter() - t0}
+            run = {"date": report["date"], "section_s": time.perf_counter() - t0}
+            if name == "sizes":
+                run = sizes_section_run(report[name], run, earlier)
+            if run is not None:
+                report["section_runs"][name] = run
             finalize(report, bench, w, kept_errors)
             write_report(report, stem, png=False)
     write_report(report, stem, png=True)

@@ -226,6 +226,8 @@ def merged_note(report) -> str:
     """' Merged report: ...' when the sections come from more than one run (--sections), else ''."""
     by_date = {}
     for name, run in report.get("section_runs", {}).items():
+        if name == "sizes" and len({b.get("date") for b in report.get("sizes") or []}) > 1:
+            name = "sizes (each row names the run that measured it)"  # a run may re-measure some blocks only
         by_date.setdefault((run["date"], run.get("run_elapsed_s")), []).append(name)
     if len(by_date) < 2:
         return ""

@@ -187,6 +187,14 @@ def merge_earlier(report, json_path: Path, sections) -> list:
     return [e for e in earlier.get("errors", []) if error_section(e) not in sections]
 
 
+def sizes_section_run(blocks, this_run: dict, earlier: dict) -> dict | None:
+    """section_runs' entry for the sizes section after a run measured it: this run's when one of its blocks is in
+    the section, else the earlier report's (every block this run tried was skipped: it measured none of them)."""
+    if any(b.get("date") == this_run["date"] for b in blocks):
+        return this_run
+    return (earlier.get("section_runs") or {}).get("sizes")
+
+
 def keep_earlier_sizes(blocks, earlier: dict, date) -> list:
     """The sizes section after a run that measured only some (size, compile mode) blocks (--sizes,
     --compile-modes): the new blocks, dated, and every block of the earlier report's section (same device,

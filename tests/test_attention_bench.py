@@ -194,3 +194,32 @@ def test_a_routed_row_without_its_all_heads_row_has_no_verdict():
     report["layer"].append({"label": "ra-fold-full", "shape": [8, 12, 1024, 64], "compiled_fwd_bwd_ratio": 1.43})
     judged = routing_goal()
     assert judged["goal"] == pytest.approx((6 + 6 * 1.43) / 12 * 1.05) and judged["met"] is False
+
+
+def test_a_sizes_run_that_measured_nothing_does_not_claim_the_section():
+    """A --sections sizes run whose every block the time budget skipped kept the earlier blocks, yet the report's
+    header said the sizes section came from it ("sizes from the run of <now> (4 s)"), a run that measured none
+    of its rows."""
+    from bench.render import merged_note
+    from bench.report import keep_earlier_sizes, sizes_section_run
+
+    measured = {"size": "350M", "mode": "default", "variants": {"sdpa": {"ratio": 1.0}, "ra-unified": {"ratio": 1.01}}}
+    skipped = {"size": "mini", "mode": "reduce-overhead", "variants": {
+        "sdpa": {"ratio": None, "skipped": "time budget"}, "ra-unified": {"ratio": None, "skipped": "time budget"}}}
+    earlier_run = {"date": "d1", "section_s": 367.0, "run_elapsed_s": 367.0}
+    mini = {**measured, "size": "mini", "mode": "reduce-overhead"}
+    earlier = {"date": "d1", "sizes": [measured, mini], "section_runs": {"sizes": earlier_run}}
+    blocks = keep_earlier_sizes([skipped], earlier, "d2")
+    assert [(b["size"], b["date"]) for b in blocks] == [("350M", "d1"), ("mini", "d1")]
+    this_run = {"date": "d2", "section_s": 4.0}
+    assert sizes_section_run(blocks, this_run, earlier) == earlier_run
+    # A run that measured a block does claim the section; its rows carry their dates.
+    fresh = {**measured, "size": "124M"}
+    assert sizes_section_run(keep_earlier_sizes([fresh], earlier, "d2"), this_run, earlier) == this_run
+
+    report = {"section_runs": {"sizes": earlier_run, "compose": {"date": "d0", "run_elapsed_s": 54.0}},
+              "sizes": blocks}
+    note = merged_note(report)
+    assert "sizes from the run of d1 (367 s)" in note and "d2" not in note
+    report["sizes"] = blocks + [{**fresh, "date": "d0"}]
+    assert "sizes (each row names the run that measured it) from the run of d1" in merged_note(report)
