@@ -94,6 +94,9 @@ def test_build_model_hf_init_uses_checkpoint(tmp_path):
 def test_forward_shapes_loss_and_padding():
     m = make(vocab=100)
     assert m.padded_vocab_size == 128 and m.lm_head.weight is m.transformer.wte.weight
+    # The tied lm_head is built without a weight of its own (meta): none may be left in the model.
+    assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    assert not any(t.is_meta for t in make(vocab=100, tie_weights=False).parameters())
     idx, targets = torch.randint(0, 100, (2, 2, 32), generator=torch.Generator().manual_seed(0))
     logits, loss = m(idx, targets)
     assert logits.shape == (2, 32, 100)

@@ -100,7 +100,10 @@ class GPT(nn.Module):
                 h=nn.ModuleList(Block(model, attention, kv_pruning, mlp, i) for i in range(model.n_layer)),
                 ln_f=LayerNorm(model.n_embd, model.bias),
             ))
-            self.lm_head = nn.Linear(model.n_embd, self.padded_vocab_size, bias=False)
+            # Tied, lm_head's own weight would be initialised only to be replaced by wte's: built on the meta
+            # device it costs nothing (a 50k x C draw, ~0.1 s on a CPU), and nothing draws from the RNG after it.
+            self.lm_head = nn.Linear(model.n_embd, self.padded_vocab_size, bias=False,
+                                     device="meta" if model.tie_weights else None)
         if model.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         mask = torch.zeros(self.padded_vocab_size)
