@@ -89,8 +89,7 @@ class GPT(nn.Module):
         self.settings = model
         self.vocab_size = vocab_size
         self.padded_vocab_size = -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-        # Modules that initialise extra parameters themselves draw from the global RNG: give them
-        # a stream fixed by the seed without disturbing the caller's.
+        # Modules that initialise their own parameters draw from the global RNG: fix it by the seed, keep the caller's.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.transformer = nn.ModuleDict(dict(
@@ -100,10 +99,8 @@ class GPT(nn.Module):
                 h=nn.ModuleList(Block(model, attention, kv_pruning, mlp, i) for i in range(model.n_layer)),
                 ln_f=LayerNorm(model.n_embd, model.bias),
             ))
-            # Tied, lm_head's own weight would be initialised only to be replaced by wte's: built on the meta
-            # device it costs nothing (a 50k x C draw, ~0.1 s on a CPU), and nothing draws from the RNG after it.
-            self.lm_head = nn.Linear(model.n_embd, self.padded_vocab_size, bias=False,
-                                     device="meta" if model.tie_weights else None)
+            head_device = "meta" if model.tie_weights else None  # tied: wte's weight replaces it, so no 50k x C init
+            self.lm_head = nn.Linear(model.n_embd, self.padded_vocab_size, bias=False, device=head_device)
         if model.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         mask = torch.zeros(self.padded_vocab_size)
