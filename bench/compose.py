@@ -47,12 +47,14 @@ def layer_tensors(shape, rank, device, copies, seed=0):
 
 
 def moved_bytes(C, H, D, R, block_c, kernel):
-    """Bytes one layer's kernel reads and writes (the bias is column C; partial tiles: backward only)."""
+    """Bytes one layer's kernel reads and writes (the bias is column C; partial sums: backward only)."""
+    from gpt2.model.attention.compose_kernel import partial_entries
+
     cells = 3 * C * (C + 1)
     if kernel == "forward":  # fp32 W and b in, bf16 W~ and b~ out
         return cells * (4 + 2)
     n_blocks = -(-(C + 1) // block_c)
-    partials = H * n_blocks * D * R * 4  # D x R fp32 per head and column block (the layers have no u)
+    partials = H * n_blocks * partial_entries(D, R, False) * 4  # the benchmark's layers have no u
     # bf16 G in, the q and k rows of W in, fp32 dW out; partials written once and read once by the finish
     return cells * 2 + 2 * C * (C + 1) * 4 + cells * 4 + 2 * partials
 

@@ -46,6 +46,11 @@ PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy f
 FINISH_TILE, FINISH_WARPS = 1024, 1  # elements of partials each finishing program sums at once
 
 
+def partial_entries(D: int, R: int, disc: bool) -> int:
+    """fp32 partial sums the backward's main kernel writes per head and column block: D x (R, + 1 for u)."""
+    return D * (R + int(disc))
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -270,7 +275,8 @@ def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, 
     per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
     d_std, d_rec, d_disc = per_head(s_std), per_head(s_rec), per_head(s_disc)
     du = torch.empty_like(u)
-    partials = weight.new_empty(H * n_blocks * D * (R + int(disc)), dtype=torch.float32)
+    entries = partial_entries(D, R, disc)
+    partials = weight.new_empty(H * n_blocks * entries, dtype=torch.float32)
     partial_sums = weight.new_empty(H * n_blocks * 2, dtype=torch.float32)
     P, u, grad_bias = P.contiguous(), u.contiguous(), grad_bias.contiguous()
     wrap_triton(_compose_bwd)[(H, n_blocks)](
@@ -279,7 +285,6 @@ def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, 
         OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c,
         PREC=PARTIAL_PRECISION, num_warps=warps)
     block_n = triton.next_power_of_2(n_blocks)
-    entries = D * (R + int(disc))
     block_e = min(triton.next_power_of_2(entries), max(1, FINISH_TILE // block_n))
     wrap_triton(_compose_bwd_finish)[(H, triton.cdiv(entries, block_e))](
         partials, partial_sums, grad_bias, s_std, s_rec, s_disc, dP, d_std, d_rec, du, d_disc, n_blocks,
