@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2.model.attention import build_attention
-from gpt2.model.attention.compose_kernel import compose_qkv_fused
+from gpt2.model.attention.compose_ops import compose_qkv_fused
 from gpt2.model.attention.triton_support import HAVE_TRITON, INTERPRET, why_not_triton
 from test_attention_helpers import attn_settings, kv_settings, model_settings, randomize, rel_err
 
@@ -122,7 +122,7 @@ def test_compiled_module_calls_the_kernels_as_one_op():
 
 def test_backward_reads_a_transposed_gradient_in_place():
     """The GEMM's weight gradient may arrive as a transposed view: the backward takes its strides."""
-    from gpt2.model.attention.compose_kernel import compose_qkv_backward
+    from gpt2.model.attention.compose_ops import compose_qkv_backward
 
     m = unified(64, 4, 4, True, True)
     s_std, s_rec, u, s_disc = m.gate_roots()
@@ -140,7 +140,7 @@ def test_backward_reads_a_transposed_gradient_in_place():
 
 # (forward columns x warps, backward columns x warps, finishing tile): the settings in use, the sweep's others,
 # and finishing tiles that split a head's partials over several programs.
-LAUNCHES = [((32, 4), (16, 4), 64), ((32, 4), (16, 4), 512), ((16, 2), (32, 4), 1024), ((64, 8), (64, 8), 4096)]
+LAUNCHES = [((32, 4), (32, 4), 64), ((32, 4), (32, 4), 512), ((16, 2), (16, 4), 1024), ((64, 8), (64, 8), 4096)]
 
 
 @pytest.mark.parametrize("fwd, bwd, finish_tile", LAUNCHES)
@@ -182,3 +182,144 @@ def test_compose_benchmark_section_times_every_setting_against_the_one_in_use():
         assert all(r["us"] > 0 and r["rel_diff"] < 1e-5 for r in mine)
     text = "\n".join(compose_lines(section))
     assert "## Weight composition kernels" in text and "*" in text and "fastest" in text
+
+
+# ---- every layer in one launch (compose_ops.compose_every_layer) ------------------------------------------
+
+def layers(shapes, bias, disc, form="", gate="per-head", threshold=0.0):
+    """ra-unified modules, one per (C, H, R) in shapes, each with its own random parameters."""
+    out = []
+    for i, (C, H, R) in enumerate(shapes):
+        model = model_settings(n_embd=C, n_head=H, bias=bias)
+        attn = attn_settings("ra-unified", rank=R, gate=gate, disc=disc, form=form, threshold=threshold)
+        m = build_attention(model, attn, kv_settings(), i)
+        randomize(m, seed=10 + i)
+        out.append(m.to(DEVICE))
+    return out
+
+
+def compose_and_grads(modules, compose, dtype, seed=0):
+    """(the composed (W~, b~) per module, every parameter's gradient) for one random gradient per W~ and b~."""
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    composed = compose(modules, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for w, b in composed:
+        loss = loss + (w.float() * torch.randn(w.shape, generator=gen).to(DEVICE)).sum()
+        if b is not None:
+            loss = loss + (b.float() * torch.randn(b.shape, generator=gen).to(DEVICE)).sum()
+    loss.backward()
+    return composed, [{n: p.grad for n, p in m.named_parameters()} for m in modules]
+
+
+def every_layer(modules, dtype):
+    from gpt2.model.attention.compose_ops import compose_every_layer
+
+    return compose_every_layer([m.kernel_inputs() for m in modules], dtype)
+
+
+def layer_by_layer(modules, dtype):
+    return [fused(m, dtype) for m in modules]
+
+
+@pytest.mark.parametrize("bias, disc", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("form", ["tied", "untied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_layer_in_one_launch_equals_layer_by_layer(bias, disc, form, dtype):
+    """One launch for three layers writes each layer's W~, b~ exactly as the per-layer launch does, and sends back
+    the same gradients; it reads the stored (tied: D_std-row) P and u without the per-layer path's padding."""
+    modules = layers([(64, 4, 4)] * 3, bias, disc, form)
+    one, grads_one = compose_and_grads(modules, every_layer, dtype)
+    per, grads_per = compose_and_grads(modules, layer_by_layer, dtype)
+    for (w1, b1), (w0, b0) in zip(one, per):
+        assert w1.dtype == dtype and torch.equal(w1, w0)
+        assert (b1 is None) == (b0 is None) and (b1 is None or torch.equal(b1, b0))
+    for g1, g0 in zip(grads_one, grads_per):
+        assert g1.keys() == g0.keys()
+        for name in g0:
+            if g0[name] is None:
+                assert g1[name] is None, name
+                continue
+            assert g1[name].shape == g0[name].shape
+            err = rel_err(g1[name], g0[name]) if g0[name].norm() > 0 else g1[name].abs().max().item()
+            assert err < 1e-6, f"grad of {name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("gate", ["per-head", "per-layer"])
+def test_every_layer_groups_shapes_and_keeps_routing(monkeypatch, gate):
+    """Layers of two shapes take one launch each way per shape; per-layer gates and a routing threshold give the
+    plain composition's weights and gradients (float64 oracle)."""
+    import gpt2.model.attention.compose_ops as ops
+
+    modules = layers([(64, 4, 4), (48, 2, 3), (64, 4, 4)], True, True, gate=gate, threshold=0.3)
+    with torch.no_grad():  # head 0 below the threshold (w_rec = 0.09) in every layer
+        for m in modules:
+            m.w_rec.sqrt_weight[0] = 0.3
+    launches = []
+    for name in ("compose_forward", "compose_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: launches.append(_name) or _real(*a, **k))
+    composed, grads = compose_and_grads(modules, every_layer, torch.float32)
+    assert launches == ["compose_forward"] * 2 + ["compose_backward"] * 2
+    gen = torch.Generator().manual_seed(0)
+    for m, (w, b), g in zip(modules, composed, grads):
+        g_w, g_b = torch.randn(w.shape, generator=gen).to(DEVICE), torch.randn(b.shape, generator=gen).to(DEVICE)
+        w0, b0, g0 = exact_plain(m, g_w, g_b)
+        assert rel_err(w, w0) < 1e-6 and rel_err(b, b0) < 1e-6
+        for name, expected in g0.items():
+            if expected is not None:
+                err = rel_err(g[name], expected) if expected.norm() > 0 else g[name].abs().max().item()
+                assert err < 1e-5, f"grad of {name}: {err:.2e}"
+
+
+def test_offset_table_is_cached_by_address():
+    from gpt2.model.attention.compose_ops import offset_table
+
+    a, b = torch.zeros(64, device=DEVICE), torch.zeros(64, device=DEVICE)
+    table, align = offset_table([[a, b], [a, a]])
+    assert table.dtype == torch.int64 and table.shape == (2, 2)
+    assert table.tolist() == [[0, 0], [(b.data_ptr() - a.data_ptr()) // 4, 0]]
+    assert offset_table([[a, b], [a, a]])[0] is table  # same addresses: the cached table, nothing copied
+    assert offset_table([[a, a[1:]]])[1] == 1  # one element apart: the loads cannot assume 16-element alignment
+
+
+def test_one_micro_step_composes_every_layer_in_one_launch(monkeypatch):
+    """The trainer's step with one micro-batch enters the accumulation hook where the kernels run: one launch each
+    way composes both layers, the composed weights come in autocast's dtype, and the step ends at the parameters
+    of composing layer by layer inside the forward."""
+    import gpt2.model.attention.compose_ops as ops
+    from gpt2.model.gpt import GPT
+    from gpt2.train.step import TrainStep
+    from test_attention_helpers import mlp_settings
+    from test_train import ListBatches
+
+    device = torch.device(DEVICE)
+    precision = "bf16" if DEVICE == "cuda" else "fp32"
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(50, (2, 8), generator=gen), torch.randint(50, (2, 8), generator=gen))]
+
+    def one_step(cache):
+        model = GPT(model_settings(n_embd=32, n_head=2, n_layer=2, block_size=8), attn_settings("ra-unified", disc=True),
+                    mlp_settings(), kv_settings(), 50, seed=0).to(device)
+        for block in model.transformer.h:
+            randomize(block.attn, seed=1, shared=False)
+        step = TrainStep(model, model, torch.optim.SGD(model.parameters(), lr=0.5), device=device,
+                         precision=precision, grad_accum=1, grad_clip=0.0, cache_composition=cache)
+        loss = step(ListBatches(batches))
+        return step, loss, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    launches = []
+    for name in ("compose_forward", "compose_backward"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: launches.append(_name) or _real(*a, **k))
+    step, loss_cached, cached = one_step(None)
+    assert step.cache_composition and step.composed_dtype == (torch.bfloat16 if DEVICE == "cuda" else None)
+    graphed = TrainStep(step.model, step.raw_model, step.optimizer, device=device, precision=precision, grad_accum=1,
+                        grad_clip=0.0, cuda_graphs=True)
+    assert not graphed.cache_composition  # under CUDA graphs the composition stays in the graph
+    assert launches == ["compose_forward", "compose_backward"]
+    _, loss_plain, plain = one_step(False)
+    torch.testing.assert_close(loss_cached, loss_plain)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

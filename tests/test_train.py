@@ -457,11 +457,17 @@ def test_cached_composition_needs_accumulation_and_under_ddp_a_reduce():
 
     from gpt2.train.step import TrainStep
 
-    model = torch.nn.Linear(2, 2)
+    from gpt2.model.gpt import GPT
+    from gpt2.model.attention.triton_support import triton_runs_on
+    from test_attention_helpers import attn_settings, kv_settings, mlp_settings, model_settings
+
+    model = GPT(model_settings(n_embd=16, n_head=2, n_layer=1, block_size=8), attn_settings("ra-unified"),
+                mlp_settings(), kv_settings(), 50)
     make = lambda **kw: TrainStep(model, model, None, device=torch.device("cpu"), precision="fp32",  # noqa: E731
                                   grad_clip=0.0, **kw)
     assert make(grad_accum=4).cache_composition
-    assert not make(grad_accum=1).cache_composition
+    # One micro-step: only where ra-unified's kernels compose every layer in one launch (CUDA, or interpreted).
+    assert make(grad_accum=1).cache_composition == triton_runs_on(model.transformer.h[0].attn.c_attn.weight)
     assert not make(grad_accum=4, ddp=True).cache_composition
     with pytest.raises(ValueError, match="single-process"):
         make(grad_accum=4, ddp=True, cache_composition=True)

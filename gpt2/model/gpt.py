@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.model.attention import build_attention
-from gpt2.model.attention.hooks import RoutingMonitor, cached_composition, composed_parameters
+from gpt2.model.attention.hooks import RoutingMonitor, cached_composition, composed_parameters, composes_in_one_launch
+from gpt2.model.hf_checkpoint import LAYER_NORM_EPS, hf_model_settings, read_hf_weights
 from gpt2.model.mlp import build_mlp
 from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings, ModelSettings
 
-LAYER_NORM_EPS = 1e-5  # GPT-2's layer_norm_epsilon
 INIT_STD = 0.02
 VOCAB_PAD_MULTIPLE = 64  # lm_head is stored with a padded vocabulary: matmuls on multiples of 64 are much faster
 
@@ -74,6 +74,8 @@ class GPT(nn.Module):
                                 composes its QKV weights once inside it and sends their gradient back
                                 through the composition when it closes, after reduce() averaged it across
                                 DDP's processes (which then leave composed_parameters() alone).
+        accumulation_pays_alone()  whether to enter accumulation() with one micro-step too (ra-unified on its
+                                kernels composes every layer in one launch each way there).
         regularization_loss()   a term the trainer adds to the objective once per optimizer step, or None.
         refresh_routing()       recompute what compiled forwards hold constant (head-selective routing)
                                 after the parameters changed; one log line per layer whose routing changed.
@@ -198,10 +200,16 @@ class GPT(nn.Module):
 
     # ---- hooks the trainer calls (class doc) ------------------------------------------
 
-    def accumulation(self, compiled: bool = False, reduce=None):
+    def accumulation(self, compiled: bool = False, reduce=None, dtype: torch.dtype | None = None):
         """Context manager for one optimizer step's micro-steps; `compiled`: the model runs under torch.compile;
-        `reduce(grads)`: averages the composed weights' gradients across processes (DDP) before they go back."""
-        return cached_composition(self, compiled, reduce=reduce)
+        `reduce(grads)`: averages the composed weights' gradients across processes (DDP) before they go back;
+        `dtype`: what the composed weights are held in (hooks.cached_composition)."""
+        return cached_composition(self, compiled, reduce=reduce, dtype=dtype)
+
+    def accumulation_pays_alone(self) -> bool:
+        """Whether the accumulation hook pays even for a single micro-step (ra-unified on its kernels: every
+        layer composed in one launch each way)."""
+        return composes_in_one_launch(self)
 
     def composed_parameters(self) -> list:
         """The parameters the accumulation hook composes from (DDP must leave their gradients to `reduce`)."""
@@ -301,39 +309,6 @@ def name_generator(seed: int, name: str) -> torch.Generator:
 
 def _is_shared_name(name: str) -> bool:
     return bool(re.search(r"(wte|wpe|ln_\d|ln_f|c_attn|c_proj|c_fc)\.(weight|bias)$", name)) or name == "lm_head.weight"
-
-
-def hf_model_settings(hf: dict, where="config.json") -> ModelSettings:
-    """ModelSettings equivalent to a Hugging Face GPT-2 config.json; refuses variants we do not implement."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not gpt2")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{where}: activation_function {activation!r}; only GPT-2's tanh GELU is supported")
-    if abs(hf.get("layer_norm_epsilon", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-12:
-        raise ValueError(f"{where}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's {LAYER_NORM_EPS}")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise ValueError(f"{where}: {flag}=true is not supported")
-    if not hf.get("scale_attn_weights", True):
-        raise ValueError(f"{where}: scale_attn_weights=false is not supported")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"{where}: n_inner={hf['n_inner']} (only 4 x n_embd is supported)")
-    return ModelSettings(size="custom", n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                         block_size=hf["n_positions"], dropout=0.0, bias=True,
-                         tie_weights=hf.get("tie_word_embeddings", True), init_from="hf", hf_checkpoint_dir="")
-
-
-def read_hf_weights(directory) -> dict:
-    directory = Path(directory)
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin "
-                            f"(sharded checkpoints are not supported)")
 
 
 # Settings of the plain GPT-2 architecture, for loading checkpoints without a .config.

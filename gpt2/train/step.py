@@ -12,12 +12,17 @@ from gpt2.model.gpt import GPT
 from gpt2.train import distributed
 
 
-def autocast_context(device: torch.device, precision: str):
-    """A factory of autocast contexts: bf16/fp16 autocast on CUDA; float32 (no autocast) otherwise."""
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """What autocast computes in: bf16/fp16 on CUDA; None (no autocast, float32) otherwise."""
     if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return lambda: torch.autocast(device_type="cuda", dtype=dtype)
-    return nullcontext
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return None
+
+
+def autocast_context(device: torch.device, precision: str):
+    """A factory of autocast contexts (autocast_dtype's, or none)."""
+    dtype = autocast_dtype(device, precision)
+    return nullcontext if dtype is None else (lambda: torch.autocast(device_type="cuda", dtype=dtype))
 
 
 def effective_precision(device: torch.device, precision: str) -> str:
@@ -44,7 +49,10 @@ class TrainStep:
     What the model adds to the step comes through its hooks (see GPT): the micro-steps run inside
     `raw_model.accumulation(compiled)`, and `raw_model.regularization_loss()` joins the objective once.
 
-    The accumulation block is entered with grad_accum > 1 (`cache_composition`). Inside it the model may
+    The accumulation block is entered with grad_accum > 1, and with one micro-step where the model says it pays
+    then too (GPT.accumulation_pays_alone: ra-unified composes every layer in one launch each way; its composed
+    weights are then held in autocast's dtype, as the GEMM takes them), except under CUDA graphs. Inside it the
+    model may
     compute weights derived from its parameters once per optimizer step and send their accumulated gradient
     back to the parameters when the block closes, before clipping. Under DDP that is too late for DDP's own
     reduction, which runs from hooks during the last micro-step's backward; so under DDP the block is entered
@@ -61,7 +69,10 @@ class TrainStep:
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
         if cache_composition is None:
-            cache_composition = composition_reduce is not None or (grad_accum > 1 and not ddp)
+            # Not alone under CUDA graphs: composed weights as fresh leaves every step made ra-unified's graphed
+            # mini step 4.9x slower on an H200 (results/bench/attention-notes.md); in-graph composition is not.
+            cache_composition = composition_reduce is not None or not ddp and (
+                grad_accum > 1 or not cuda_graphs and raw_model.accumulation_pays_alone())
         if cache_composition and ddp and composition_reduce is None:
             raise ValueError("cached composition under DDP needs composition_reduce (and a DDP built by "
                              "distributed.wrap_ddp); without it, it is single-process only (see TrainStep)")
@@ -76,6 +87,8 @@ class TrainStep:
                              "outputs (gradients) of the one before, which accumulation and DDP would still read")
         self.cuda_graphs = cuda_graphs  # the model was compiled with mode "reduce-overhead"
         self.autocast = autocast_context(device, precision)
+        # One micro-step in one process: the composed weights in autocast's dtype (hooks.cached_composition).
+        self.composed_dtype = autocast_dtype(device, precision) if grad_accum == 1 and not ddp else None
         fp16 = device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -109,7 +122,7 @@ class TrainStep:
         composition with the composed weights' gradient averaged across processes before it goes back."""
         if not self.cache_composition:
             return nullcontext()
-        return self.raw_model.accumulation(self.compiled, reduce=self.composition_reduce)
+        return self.raw_model.accumulation(self.compiled, reduce=self.composition_reduce, dtype=self.composed_dtype)
 
     def accumulate(self, batches, inject_nan: bool) -> torch.Tensor:
         """Forward/backward of every micro-batch; returns the summed loss (device tensor)."""

@@ -16,7 +16,8 @@ import torch.nn as nn
 from gpt2.model.attention.common import RAAttentionBase
 from gpt2.model.attention.same_flop import RASameFlopAttention
 from gpt2.model.attention.unified import RAUnifiedAttention
-from gpt2.model.gpt import GPT, LAYER_NORM_EPS
+from gpt2.model.gpt import GPT
+from gpt2.model.hf_checkpoint import LAYER_NORM_EPS
 from gpt2.model.mlp import ReciprocalMLP
 
 

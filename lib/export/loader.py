@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2.model.gpt import GPT, read_hf_weights
+from gpt2.model.gpt import GPT
+from gpt2.model.hf_checkpoint import read_hf_weights
 from gpt2.settings import AttentionSettings, KVPruningSettings, MLPSettings
 from gpt2.train.run_dir import SETTINGS_NAME, read_settings_json
 from gpt2.train.trained import load_trained

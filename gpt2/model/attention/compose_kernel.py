@@ -24,8 +24,9 @@ parameter gradients (dP, du, the gate roots'). A small second kernel adds each h
 one tile load and one tl.sum: a fixed order, so the result is deterministic (no atomics). An earlier
 design summed each head's columns in one looping program; that loop was latency bound (43.5 us per layer
 on an H100, results/bench/attention-notes.md).
-Registered with torch.library.triton_op: torch.compile sees the kernels and launches them from its own
-generated code (a Python custom op costs ~0.3 ms of host time per call, which showed in the step time).
+Every launch covers `layers` layers (grid axis 2): one per call inside a compiled forward (compose_ops.py's
+per-layer op), or every layer of the model at once, where an int64 table gives each layer's tensors as offsets
+from layer 0's (compose_ops.compose_every_layer); outputs are one flat buffer per kind, layer after layer.
 Launch settings measured per width: FWD_BLOCK_C and the others below.
 """
 
@@ -34,14 +35,15 @@ import math
 import torch
 from torch.library import wrap_triton
 
-from .triton_support import HAVE_TRITON, kernel_op, tl, triton
+from .triton_support import HAVE_TRITON, tl, triton
 
 
 # Columns per program and warps of the forward kernel and of the backward's main kernel: at every width a preset
-# trains (C = 384, 768, 1024) the fastest of the settings `--sections compose` sweeps, or within 4% of it
-# (H200, results/bench/attention-nvidia-h200.md; first tuned on an H100 at C = 768, attention-notes.md).
+# trains (C = 384, 768, 1024) the fastest of the settings `--sections compose` sweeps for one launch over every
+# layer (what the trainer runs), and within 5% of the fastest launched layer by layer (H200,
+# results/bench/attention-nvidia-h200.md; first tuned on an H100 at C = 768, attention-notes.md).
 FWD_BLOCK_C, FWD_WARPS = 32, 4
-BWD_BLOCK_C, BWD_WARPS = 16, 4
+BWD_BLOCK_C, BWD_WARPS = 32, 4
 PARTIAL_PRECISION = "tf32x3"  # the backward's partial-sum dots: fp32 accuracy from three tf32 tensor-core dots
 FINISH_TILE, FINISH_WARPS = 1024, 1  # elements of partials each finishing program sums at once
 
@@ -62,6 +64,15 @@ def _block_r(R: int, disc: bool) -> int:
 
 if HAVE_TRITON:
     @triton.jit
+    def _at(ptr, table, field: tl.constexpr, FIELDS: tl.constexpr, ALIGN: tl.constexpr):
+        """ptr moved to this program's layer. FIELDS == 0: one layer per launch, ptr as given; else the launch covers
+        layers 0..L-1 (program_id(2)) and `table` holds, per layer, FIELDS int64 element offsets from layer 0's
+        tensors (compose_layers.py); ALIGN is what every offset is a multiple of (16 keeps loads vectorised)."""
+        if FIELDS > 0:
+            ptr += tl.multiple_of(tl.load(table + tl.program_id(2) * FIELDS + field), ALIGN)
+        return ptr
+
+    @triton.jit
     def _load_rows(ptr, b_ptr, rows, row_ok, cols, C, s_row, s_col, HAS_BIAS: tl.constexpr):
         """Rows `rows` (where row_ok) of [W | b] at columns `cols` (column C is the bias), fp32, else 0."""
         w = tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
@@ -81,10 +92,10 @@ if HAVE_TRITON:
                      mask=row_ok[:, None] & (cols == C)[None, :])
 
     @triton.jit
-    def _load_p(P_ptr, h, d, r, D: tl.constexpr, R: tl.constexpr):
-        """P_h as a (BLOCK_D, BLOCK_R) fp32 tile, zero outside D x R."""
-        return tl.load(P_ptr + h * D * R + d[:, None] * R + r[None, :], mask=(d < D)[:, None] & (r < R)[None, :],
-                       other=0.0).to(tl.float32)
+    def _load_p(P_ptr, h, d, r, P_ROWS: tl.constexpr, R: tl.constexpr):
+        """P_h as a (BLOCK_D, BLOCK_R) fp32 tile: P is stored (H, P_ROWS, R), rows from P_ROWS to D are zero."""
+        return tl.load(P_ptr + h * P_ROWS * R + d[:, None] * R + r[None, :],
+                       mask=(d < P_ROWS)[:, None] & (r < R)[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
     def _gate(s_ptr, h, stride, threshold):
@@ -93,10 +104,16 @@ if HAVE_TRITON:
         return tl.where(s * s >= threshold, s * s, 0.0), s
 
     @triton.jit
-    def _compose_fwd(W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, sd_ptr, out_ptr, outb_ptr,
+    def _compose_fwd(W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, sd_ptr, out_ptr, outb_ptr, table,
                      C, Ds, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold, D: tl.constexpr, R: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr, DISC: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     P_ROWS: tl.constexpr, U_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr,
+                     DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     FIELDS: tl.constexpr, ALIGN: tl.constexpr):
+        W_ptr, b_ptr = _at(W_ptr, table, 0, FIELDS, ALIGN), _at(b_ptr, table, 1, FIELDS, ALIGN)
+        P_ptr, ss_ptr = _at(P_ptr, table, 2, FIELDS, ALIGN), _at(ss_ptr, table, 3, FIELDS, ALIGN)
+        sr_ptr, u_ptr = _at(sr_ptr, table, 4, FIELDS, ALIGN), _at(u_ptr, table, 5, FIELDS, ALIGN)
+        sd_ptr, out_ptr = _at(sd_ptr, table, 6, FIELDS, ALIGN), _at(out_ptr, table, 7, FIELDS, ALIGN)
+        outb_ptr += tl.program_id(2).to(tl.int64) * 3 * C  # b~: one flat buffer for every layer of the launch
         h = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         d = tl.arange(0, BLOCK_D)
@@ -108,10 +125,10 @@ if HAVE_TRITON:
         ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
         wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
         # Pt: rows r < R hold P^T, row R holds u^T (discoverability); zero elsewhere.
-        pt = tl.load(P_ptr + h * D * R + d[None, :] * R + r[:, None], mask=(r < R)[:, None] & (d < D)[None, :],
-                     other=0.0).to(tl.float32)
-        if DISC:
-            u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+        pt = tl.load(P_ptr + h * P_ROWS * R + d[None, :] * R + r[:, None],
+                     mask=(r < R)[:, None] & (d < P_ROWS)[None, :], other=0.0).to(tl.float32)
+        if DISC:  # u is stored (H, D); only its first U_DIM entries are read (tied: the standard dims)
+            u = tl.load(u_ptr + h * D + d, mask=d < U_DIM, other=0.0).to(tl.float32)
             pt = tl.where((r == R)[:, None], u[None, :], pt)
         rec_of_q = tl.dot(pt, wq, input_precision="ieee")  # rows r < R: P^T W_q -> k~ rows Ds + r
         rec_of_k = tl.dot(pt, wk, input_precision="ieee")  # rows r < R: P^T W_k; row R: u^T W_k
@@ -141,11 +158,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _compose_bwd(G_ptr, gb_ptr, W_ptr, b_ptr, P_ptr, ss_ptr, sr_ptr, u_ptr, dW_ptr, db_ptr, part_ptr,
-                     part_s_ptr, C, Ds, s_g0, s_g1, gs_std, gs_rec, rec_threshold, D: tl.constexpr, R: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, OUT_BIAS: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+                     part_s_ptr, table, C, Ds, s_g0, s_g1, gs_std, gs_rec, rec_threshold, D: tl.constexpr,
+                     R: tl.constexpr, P_ROWS: tl.constexpr, U_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     OUT_BIAS: tl.constexpr, DISC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr, PREC: tl.constexpr, FIELDS: tl.constexpr, ALIGN: tl.constexpr):
         """Head h, one block of columns: dW there, and the parameter gradients' partial sums over them."""
+        W_ptr, b_ptr = _at(W_ptr, table, 0, FIELDS, ALIGN), _at(b_ptr, table, 1, FIELDS, ALIGN)
+        P_ptr, ss_ptr = _at(P_ptr, table, 2, FIELDS, ALIGN), _at(ss_ptr, table, 3, FIELDS, ALIGN)
+        sr_ptr, u_ptr = _at(sr_ptr, table, 4, FIELDS, ALIGN), _at(u_ptr, table, 5, FIELDS, ALIGN)
+        G_ptr, gb_ptr = _at(G_ptr, table, 7, FIELDS, ALIGN), _at(gb_ptr, table, 8, FIELDS, ALIGN)
+        dW_ptr = _at(dW_ptr, table, 9, FIELDS, ALIGN)
         h, blk, n_blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        layer, n_heads = tl.program_id(2).to(tl.int64), tl.num_programs(0)  # the smaller outputs are flat buffers
+        db_ptr += layer * 3 * C
+        part_ptr += layer * n_heads * n_blocks * D * (R + DISC)
+        part_s_ptr += layer * n_heads * n_blocks * 2
         d = tl.arange(0, BLOCK_D)
         r = tl.arange(0, BLOCK_R)
         cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -158,10 +185,10 @@ if HAVE_TRITON:
         wk = _load_rows(W_ptr, b_ptr, k0 + d, d < D, cols, C, C, 1, HAS_BIAS)
         ws, _ = _gate(ss_ptr, h, gs_std, 0.0)
         wr, _ = _gate(sr_ptr, h, gs_rec, rec_threshold)
-        p = _load_p(P_ptr, h, d, r, D, R)
+        p = _load_p(P_ptr, h, d, r, P_ROWS, R)
         pu = wr * p
         if DISC:
-            u = tl.load(u_ptr + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + h * D + d, mask=d < U_DIM, other=0.0).to(tl.float32)
             pu = tl.where((r == R)[None, :], u[:, None], pu)
         std = (d < Ds)[:, None]
         dwq = tl.where(std, ws * gq, 0.0) + tl.dot(p, g_krec, input_precision="ieee")
@@ -183,23 +210,34 @@ if HAVE_TRITON:
 
     @triton.jit
     def _compose_bwd_finish(part_ptr, part_s_ptr, gb_ptr, ss_ptr, sr_ptr, sd_ptr, dP_ptr, dss_ptr, dsr_ptr,
-                            du_ptr, dsd_ptr, n_blocks, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
-                            D: tl.constexpr, R: tl.constexpr, DISC: tl.constexpr, BLOCK_E: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            du_ptr, dsd_ptr, table, n_blocks, sqrt_d, gs_std, gs_rec, gs_disc, rec_threshold,
+                            D: tl.constexpr, R: tl.constexpr, P_ROWS: tl.constexpr, U_DIM: tl.constexpr,
+                            DISC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, FIELDS: tl.constexpr,
+                            ALIGN: tl.constexpr):
         """Head h, entries BLOCK_E*j.. of the D x R1 partials (R1 = R, + 1 for u): sum the column blocks'
         partials (one tile load, one tl.sum, so the order is fixed and the result deterministic) into dP, du
         and the gate roots' grads."""
-        h, j = tl.program_id(0), tl.program_id(1)
+        ss_ptr, sr_ptr = _at(ss_ptr, table, 3, FIELDS, ALIGN), _at(sr_ptr, table, 4, FIELDS, ALIGN)
+        sd_ptr, gb_ptr = _at(sd_ptr, table, 6, FIELDS, ALIGN), _at(gb_ptr, table, 8, FIELDS, ALIGN)
         R1: tl.constexpr = R + DISC
+        h, j = tl.program_id(0), tl.program_id(1)
+        first = tl.program_id(2).to(tl.int64) * tl.num_programs(0)  # this layer's first head of the flat outputs
+        part_ptr += first * n_blocks * D * R1
+        part_s_ptr += first * n_blocks * 2
+        dP_ptr += first * P_ROWS * R
+        du_ptr += first * D
+        dss_ptr += first
+        dsr_ptr += first
+        dsd_ptr += first
         n = tl.arange(0, BLOCK_N)
         e = j * BLOCK_E + tl.arange(0, BLOCK_E)
         tile = tl.load(part_ptr + (h * n_blocks + n[:, None]) * (D * R1) + e[None, :],
                        mask=(n < n_blocks)[:, None] & (e < D * R1)[None, :], other=0.0)
         total = tl.sum(tile, axis=0)
         d, r = e // R1, e % R1
-        tl.store(dP_ptr + h * D * R + d * R + r, total, mask=(d < D) & (r < R))
-        if DISC:
-            tl.store(du_ptr + h * D + d, total, mask=(d < D) & (r == R))
+        tl.store(dP_ptr + h * P_ROWS * R + d * R + r, total, mask=(d < P_ROWS) & (r < R))
+        if DISC:  # entries of u past U_DIM are never read: their gradient is 0
+            tl.store(du_ptr + h * D + d, tl.where(d < U_DIM, total, 0.0), mask=(d < D) & (r == R))
         if j == 0:
             sums = tl.load(part_s_ptr + 2 * (h * n_blocks + n), mask=n < n_blocks, other=0.0)
             rec_sums = tl.load(part_s_ptr + 2 * (h * n_blocks + n) + 1, mask=n < n_blocks, other=0.0)
@@ -214,6 +252,13 @@ if HAVE_TRITON:
                 tl.store(dsd_ptr + h, 2 * s_disc * sqrt_d * g_bias)
 
 
+# The columns of the offset table of an every-layer launch (compose_ops.compose_every_layer), which the kernels
+# above index by position: the composition's inputs, then the forward's W~ (column 7), or the backward's grad,
+# grad_bias and dW (7, 8, 9). The large outputs (W~, dW) have a tensor per layer, as the casts and gradients they
+# replace do; the small ones are one flat buffer for all layers.
+INPUT_FIELDS = ("weight", "bias", "P", "s_std", "s_rec", "u", "s_disc")
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
@@ -223,104 +268,69 @@ def _stride(gate_root: torch.Tensor) -> int:
     return int(gate_root.numel() > 1)
 
 
-@kernel_op("gpt2ra::compose_qkv", mutates_args=())
-def compose_qkv(weight: torch.Tensor, bias: torch.Tensor, P: torch.Tensor, s_std: torch.Tensor,
-                s_rec: torch.Tensor, u: torch.Tensor, s_disc: torch.Tensor, std_dim: int, rec_threshold: float,
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W~ (3C, C), b~ (3C,), or an empty b~ without bias and discoverability). Gates come as their square
-    roots s (w = s^2, per head or one per layer; w_rec is 0 where below rec_threshold). Absent bias / u /
-    s_disc are passed as empty tensors."""
-    return compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold, out_dtype,
-                           FWD_BLOCK_C, FWD_WARPS)
+def _table_args(table, like, align):
+    """(table tensor, FIELDS, ALIGN) for a launch: no table = one layer, pointers as given."""
+    return (_empty(like), 0, 1) if table is None else (table, table.shape[1], align)
 
 
 def compose_forward(weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float, out_dtype,
-                    block_c: int, warps: int):
-    """compose_qkv's kernel launch at the given settings (the benchmark sweeps them)."""
+                    block_c: int, warps: int, u_dim: int, layers: int = 1, table=None, align: int = 1, out=None):
+    """The forward kernel's launch at the given settings (the benchmark sweeps them): (W~ (3C, C), b~ (layers *
+    3C,)). The tensors are layer 0's; P is (H, rows, R), rows <= D (the rest read as 0); only u's first u_dim
+    entries per head are read. With `table` (int64, layers x 8 columns, as above: each layer's tensors' element
+    offsets from layer 0's, every one a multiple of `align`) one launch covers every layer; `out` is then layer
+    0's W~ (the table finds the others)."""
     C = weight.shape[1]
-    H, D, R = P.shape
+    H, p_rows, R = P.shape
+    D = C // H
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = has_bias or disc
-    out = weight.new_empty(3 * C, C, dtype=out_dtype)
-    out_b = weight.new_empty(3 * C if out_bias else 0, dtype=out_dtype)
-    grid = (H, triton.cdiv(C + int(out_bias), block_c))
+    out = weight.new_empty(3 * C, C, dtype=out_dtype) if out is None else out
+    out_b = weight.new_empty(layers * 3 * C if out_bias else 0, dtype=out_dtype)
+    table, fields, align = _table_args(table, weight, align)
+    grid = (H, triton.cdiv(C + int(out_bias), block_c), layers)
     wrap_triton(_compose_fwd)[grid](
-        weight, bias, P.contiguous(), s_std, s_rec, u.contiguous(), s_disc, out, out_b, C, std_dim,
-        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R,
-        HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc),
-        BLOCK_C=block_c, num_warps=warps)
+        weight, bias, P, s_std, s_rec, u, s_disc, out, out_b, table, C, std_dim, math.sqrt(D), _stride(s_std),
+        _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R, P_ROWS=p_rows, U_DIM=u_dim, HAS_BIAS=has_bias,
+        OUT_BIAS=out_bias, DISC=disc, BLOCK_D=_block_d(D), BLOCK_R=_block_r(R, disc), BLOCK_C=block_c,
+        FIELDS=fields, ALIGN=align, num_warps=warps)
     return out, out_b
 
 
-@kernel_op("gpt2ra::compose_qkv_backward", mutates_args=())
-def compose_qkv_backward(grad: torch.Tensor, grad_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         P: torch.Tensor, s_std: torch.Tensor, s_rec: torch.Tensor, u: torch.Tensor,
-                         s_disc: torch.Tensor, std_dim: int, rec_threshold: float) -> list[torch.Tensor]:
-    """[dW, db, dP, dL/ds_std, dL/ds_rec, du, dL/ds_disc]: the gate roots' gradients per head (H,), summed
-    over heads by the caller for a per-layer gate; db, du, dL/ds_disc are empty where absent."""
-    return compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold,
-                            BWD_BLOCK_C, BWD_WARPS)
-
-
 def compose_backward(grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float,
-                     block_c: int, warps: int) -> list[torch.Tensor]:
-    """compose_qkv_backward's two kernel launches, the main one at the given settings (the benchmark sweeps them)."""
+                     block_c: int, warps: int, u_dim: int, layers: int = 1, table=None, align: int = 1,
+                     dW=None) -> list[torch.Tensor]:
+    """The backward's two kernel launches, the main one at the given settings (the benchmark sweeps them). Layers
+    and table as for compose_forward (10 columns; every layer's grad has grad's strides; dW is layer 0's weight
+    gradient). The other outputs hold all layers, one after another: db (layers * 3C,), dP (layers * H, rows, R),
+    the gate roots' (layers * H,), du (layers * H, D)."""
     C = weight.shape[1]
-    H, D, R = P.shape
+    H, p_rows, R = P.shape
+    D = C // H
     has_bias, disc = bias.numel() > 0, u.numel() > 0
     out_bias = grad_bias.numel() > 0
     n_blocks = triton.cdiv(C + int(out_bias), block_c)
     block_d, block_r = _block_d(D), _block_r(R, disc)
-    dW, db, dP = torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(P)
-    per_head = lambda ref: ref.new_empty(H if ref.numel() else 0)  # noqa: E731
+    dW = torch.empty_like(weight) if dW is None else dW
+    db = bias.new_empty(layers * bias.numel())
+    dP = P.new_empty(layers * H, p_rows, R)
+    per_head = lambda ref: ref.new_empty(layers * H if ref.numel() else 0)  # noqa: E731
     d_std, d_rec, d_disc = per_head(s_std), per_head(s_rec), per_head(s_disc)
-    du = torch.empty_like(u)
+    du = u.new_empty((layers * H, D) if disc else (0,))
     entries = partial_entries(D, R, disc)
-    partials = weight.new_empty(H * n_blocks * entries, dtype=torch.float32)
-    partial_sums = weight.new_empty(H * n_blocks * 2, dtype=torch.float32)
-    P, u, grad_bias = P.contiguous(), u.contiguous(), grad_bias.contiguous()
-    wrap_triton(_compose_bwd)[(H, n_blocks)](
-        grad, grad_bias, weight, bias, P, s_std, s_rec, u, dW, db, partials, partial_sums, C,
-        std_dim, *grad.stride(), _stride(s_std), _stride(s_rec), rec_threshold, D=D, R=R, HAS_BIAS=has_bias,
-        OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c,
-        PREC=PARTIAL_PRECISION, num_warps=warps)
+    partials = weight.new_empty(layers * H * n_blocks * entries, dtype=torch.float32)
+    partial_sums = weight.new_empty(layers * H * n_blocks * 2, dtype=torch.float32)
+    table, fields, align = _table_args(table, weight, align)
+    wrap_triton(_compose_bwd)[(H, n_blocks, layers)](
+        grad, grad_bias, weight, bias, P, s_std, s_rec, u, dW, db, partials, partial_sums, table, C,
+        std_dim, *grad.stride(), _stride(s_std), _stride(s_rec), rec_threshold, D=D, R=R, P_ROWS=p_rows,
+        U_DIM=u_dim, HAS_BIAS=has_bias, OUT_BIAS=out_bias, DISC=disc, BLOCK_D=block_d, BLOCK_R=block_r,
+        BLOCK_C=block_c, PREC=PARTIAL_PRECISION, FIELDS=fields, ALIGN=align, num_warps=warps)
     block_n = triton.next_power_of_2(n_blocks)
     block_e = min(triton.next_power_of_2(entries), max(1, FINISH_TILE // block_n))
-    wrap_triton(_compose_bwd_finish)[(H, triton.cdiv(entries, block_e))](
-        partials, partial_sums, grad_bias, s_std, s_rec, s_disc, dP, d_std, d_rec, du, d_disc, n_blocks,
-        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R, DISC=disc,
-        BLOCK_E=block_e, BLOCK_N=block_n, num_warps=FINISH_WARPS)
+    wrap_triton(_compose_bwd_finish)[(H, triton.cdiv(entries, block_e), layers)](
+        partials, partial_sums, grad_bias, s_std, s_rec, s_disc, dP, d_std, d_rec, du, d_disc, table, n_blocks,
+        math.sqrt(D), _stride(s_std), _stride(s_rec), _stride(s_disc), rec_threshold, D=D, R=R, P_ROWS=p_rows,
+        U_DIM=u_dim, DISC=disc, BLOCK_E=block_e, BLOCK_N=block_n, FIELDS=fields, ALIGN=align,
+        num_warps=FINISH_WARPS)
     return [dW, db, dP, d_std, d_rec, du, d_disc]
-
-
-def _per_gate(s: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
-    return per_head if s.numel() > 1 else per_head.sum(0, keepdim=True)
-
-
-def _setup_context(ctx, inputs, output):
-    weight, bias, P, s_std, s_rec, u, s_disc, std_dim, rec_threshold, _ = inputs
-    ctx.save_for_backward(weight, bias, P, s_std, s_rec, u, s_disc)
-    ctx.std_dim, ctx.rec_threshold = std_dim, rec_threshold
-
-
-def _backward(ctx, grad, grad_bias):
-    weight, bias, P, s_std, s_rec, u, s_disc = ctx.saved_tensors
-    out_bias = bias.numel() > 0 or u.numel() > 0
-    if grad_bias is None or (out_bias and grad_bias.numel() == 0):  # b~ took no part in the loss
-        grad_bias = grad.new_zeros(grad.shape[0] if out_bias else 0)
-    dW, db, dP, d_std, d_rec, du, d_disc = compose_qkv_backward(
-        grad, grad_bias, weight, bias, P, s_std, s_rec, u, s_disc, ctx.std_dim, ctx.rec_threshold)
-    return (dW, db if bias.numel() else None, dP, _per_gate(s_std, d_std), _per_gate(s_rec, d_rec),
-            du if u.numel() else None, _per_gate(s_disc, d_disc) if s_disc.numel() else None, None, None, None)
-
-
-compose_qkv.register_autograd(_backward, setup_context=_setup_context)
-
-
-def compose_qkv_fused(weight, bias, P, s_std, s_rec, u, s_disc, std_dim: int, rec_threshold: float,
-                      out_dtype: torch.dtype):
-    """(W~, b~ or None) through the kernels; bias, u and s_disc may be None. Gates as square roots."""
-    none = _empty(weight)
-    out, out_b = compose_qkv(weight, none if bias is None else bias, P, s_std, s_rec, none if u is None else u,
-                             none if s_disc is None else s_disc, std_dim, rec_threshold, out_dtype)
-    return out, (out_b if out_b.numel() else None)

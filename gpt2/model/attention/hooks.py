@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .common import RAAttentionBase
+from .compose_ops import compose_every_layer
 from .unified import RAUnifiedAttention
 
 
@@ -56,16 +57,35 @@ class RoutingMonitor:
         return lines
 
 
-def _compose_every_layer(modules):
+def _compose_layer_by_layer(modules):
     return [m.composed_qkv() for m in modules]
 
 
-# One compiled function composes every layer's QKV weight: a handful of fused kernels forward and
-# backward instead of ~15 small eager kernels per layer (the launches alone cost more than the
+# Without the kernels, one compiled function composes every layer's QKV weight: a handful of fused kernels
+# forward and backward instead of ~15 small eager kernels per layer (the launches alone cost more than the
 # arithmetic, and would be paid on the host once per optimizer step).
 @functools.cache
-def _compose_every_layer_compiled():
-    return torch.compile(_compose_every_layer, dynamic=False)
+def _compose_layer_by_layer_compiled():
+    return torch.compile(_compose_layer_by_layer, dynamic=False)
+
+
+def _unified_modules(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
+
+
+def composes_in_one_launch(model: nn.Module) -> bool:
+    """Whether cached_composition composes the model's ra-unified layers in one launch each way (the Triton
+    kernels run on their weights): then caching pays even with one micro-batch per optimizer step."""
+    modules = _unified_modules(model)
+    return bool(modules) and all(m.kernels_take(m.c_attn.weight) for m in modules)
+
+
+def _compose(modules, compiled: bool, dtype):
+    """[(W~, b~ or None)] of every module, in dtype (None: the parameters')."""
+    if all(m.kernels_take(m.c_attn.weight) for m in modules):
+        return compose_every_layer([m.kernel_inputs() for m in modules], dtype or modules[0].c_attn.weight.dtype)
+    composed = (_compose_layer_by_layer_compiled() if compiled else _compose_layer_by_layer)(modules)
+    return [(w.to(dtype), None if b is None else b.to(dtype)) if dtype else (w, b) for w, b in composed]
 
 
 def composed_parameters(model: nn.Module) -> list:
@@ -86,7 +106,7 @@ def composed_parameters(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def cached_composition(model: nn.Module, compiled: bool = False, reduce=None):
+def cached_composition(model: nn.Module, compiled: bool = False, reduce=None, dtype: torch.dtype | None = None):
     """Compose ra-unified's QKV weights once for all gradient-accumulation micro-steps inside the block.
 
         with cached_composition(model):
@@ -95,8 +115,13 @@ def cached_composition(model: nn.Module, compiled: bool = False, reduce=None):
         optimizer.step()
 
     The composed weights are leaves during the block; on exit their accumulated gradient goes back
-    through the composition once, for all layers in one backward call. `compiled` composes through
-    torch.compile (use it when the model itself is compiled).
+    through the composition once, for all layers in one backward call. Where the Triton kernels run, every
+    layer is composed in one launch each way (compose_ops.compose_every_layer); elsewhere layer by layer,
+    through torch.compile when `compiled` (use it when the model itself is compiled).
+
+    `dtype`: the composed weights' dtype (None: the parameters'). With one micro-step, autocast's: the GEMM
+    then takes them as they come, and their gradient is the one it computes anyway. With several, keep the
+    parameters' dtype, so the micro-steps' gradients accumulate in it.
 
     `reduce(grads) -> grads` maps the composed weights' accumulated gradients (one list, every layer) before
     they go back: under DDP their mean over the processes. The composition is linear in its output gradient,
@@ -107,12 +132,11 @@ def cached_composition(model: nn.Module, compiled: bool = False, reduce=None):
     backward, before their gradient exists. A block left by an exception sends nothing back (a collective
     on one rank only would hang the others).
     """
-    modules = [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
+    modules = _unified_modules(model)
     if not modules:
         yield
         return
-    compose = _compose_every_layer_compiled() if compiled else _compose_every_layer
-    for m, composed in zip(modules, compose(modules)):
+    for m, composed in zip(modules, _compose(modules, compiled, dtype)):
         m.hold_composition(composed)
     try:
         yield

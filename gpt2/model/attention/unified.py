@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .compose_kernel import compose_qkv_fused
+from .compose_ops import LayerInputs, compose_qkv_fused
 from .same_flop import RASameFlopAttention
 
 
@@ -39,6 +39,14 @@ class RAUnifiedAttention(RASameFlopAttention):
                                      self.head_select_threshold, dtype)
         weight, bias = self.composed_qkv_plain()
         return weight.to(dtype), (None if bias is None else bias.to(dtype))
+
+    def kernel_inputs(self) -> LayerInputs:
+        """This layer's composition inputs as the parameters hold them, for compose_every_layer: P with its
+        stored rows (tied: D_std) and u whole, read only in its first D_std entries when tied."""
+        s_std, s_rec, _, s_disc = self.gate_roots()
+        return LayerInputs(self.c_attn.weight, self.c_attn.bias, self.P, s_std, s_rec,
+                           self.u if self.discoverability else None, s_disc, self.std_dim, self.head_select_threshold,
+                           self.std_dim if self.tied else self.head_dim)
 
     def gate_roots(self):
         """(s_std, s_rec, u, s_disc) as the kernels take them: the gates' square roots (w = s^2 is taken
