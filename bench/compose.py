@@ -8,12 +8,14 @@ ra-unified's whole extra cost per micro-step. The section times, per width, the 
 setting of the two kernels, with one layer's tensors per model layer in turn (at least MIN_COPIES, so the L2
 cache holds none of them, as in a training step), as GPU time per layer. Each candidate's output is compared with
 the settings in use, so a faster setting that computes something else shows. compose_kernel's FWD_BLOCK_C and
-the others come from this table.
+the others come from this table. At the settings in use it also times one launch for all the layers (what the
+trainer runs: compose_ops.compose_every_layer), against one launch per layer.
 """
 
 import torch
 
 from gpt2.model.attention import build_attention
+from gpt2.model.attention.compose_ops import offset_table
 from gpt2.model.attention.triton_support import HAVE_TRITON, INTERPRET, why_not_triton
 
 from .common import NO_KV, attention_settings, fmt, model_settings, table_lines
@@ -82,24 +84,47 @@ def run_compose_section(bench, w):
             return bench.attempt(f"compose {name}", lambda: 1000 * bench.gpu_ms(fn) / copies)
 
         def forward(block_c, warps):
-            return [ck.compose_forward(*args, torch.bfloat16, block_c, warps) for args, _, _ in layers]
+            return [ck.compose_forward(*args, torch.bfloat16, block_c, warps, u_dim=0) for args, _, _ in layers]
 
         def backward(block_c, warps):
-            return [ck.compose_backward(G, Gb, *args, block_c, warps) for args, G, Gb in layers]
+            return [ck.compose_backward(G, Gb, *args, block_c, warps, u_dim=0) for args, G, Gb in layers]
+
+        # One launch for every layer, as compose_ops.compose_every_layer runs it: a W~ and a dW per layer.
+        outs = [torch.empty_like(args[0], dtype=torch.bfloat16) for args, _, _ in layers]
+        dWs = [torch.empty_like(args[0]) for args, _, _ in layers]
+        forward_table = offset_table([list(col) for col in zip(*(args[:7] + (o,)
+                                                                  for (args, _, _), o in zip(layers, outs)))])
+        backward_table = offset_table([list(col) for col in zip(*(args[:7] + (G, Gb, d)
+                                                                   for (args, G, Gb), d in zip(layers, dWs)))])
+
+        def forward_at_once(block_c, warps):
+            table, align = forward_table
+            out, out_b = ck.compose_forward(*layers[0][0], torch.bfloat16, block_c, warps, u_dim=0, layers=copies,
+                                            table=table, align=align, out=outs[0])
+            return [(out, out_b[: 3 * C])]  # layer 0's, to compare with the per-layer launch's
+
+        def backward_at_once(block_c, warps):
+            (args, G, Gb), (table, align) = layers[0], backward_table
+            grads = ck.compose_backward(G, Gb, *args, block_c, warps, u_dim=0, layers=copies, table=table,
+                                        align=align, dW=dWs[0])
+            return [[g if i == 0 else g[: g.shape[0] // copies] for i, g in enumerate(grads)]]
 
         casts = {"forward": per_layer_us(lambda: [(a[0].to(torch.bfloat16), a[1].to(torch.bfloat16))
                                                   for a, _, _ in layers]),
                  "backward": per_layer_us(lambda: [(G.float(), Gb.float()) for _, G, Gb in layers])}
         fwd_used, bwd_used = (ck.FWD_BLOCK_C, ck.FWD_WARPS), (ck.BWD_BLOCK_C, ck.BWD_WARPS)
         refs = {"forward": forward(*fwd_used)[0], "backward": backward(*bwd_used)[0]}
+        refs.update({f"{k}, every layer in one launch": refs[k] for k in ("forward", "backward")})
         rows = []
         for kernel, run, candidates, used in (
-                ("forward", forward, FWD_CANDIDATES, fwd_used), ("backward", backward, BWD_CANDIDATES, bwd_used)):
+                ("forward", forward, FWD_CANDIDATES, fwd_used), ("backward", backward, BWD_CANDIDATES, bwd_used),
+                ("forward, every layer in one launch", forward_at_once, FWD_CANDIDATES, fwd_used),
+                ("backward, every layer in one launch", backward_at_once, BWD_CANDIDATES, bwd_used)):
             for block_c, warps in candidates if not bench.smoke else [used, candidates[0]]:
                 first = bench.attempt(f"compose {name} {kernel} {block_c}x{warps}", lambda: run(block_c, warps)[0])
                 us = per_layer_us(lambda: run(block_c, warps)) if first is not None else None
                 diff = None if first is None else max(rel_diff(a, b) for a, b in zip(first, refs[kernel]))
-                nbytes = moved_bytes(C, H, D, R, block_c, kernel)
+                nbytes = moved_bytes(C, H, D, R, block_c, kernel.partition(",")[0])
                 rows.append({"kernel": kernel, "block_c": block_c, "warps": warps, "us": us, "bytes": nbytes,
                              "tb_s": None if not us else nbytes / us / 1e6, "rel_diff": diff,
                              "in_use": (block_c, warps) == used})
@@ -134,7 +159,7 @@ def compose_lines(section):
     for block in section["widths"]:
         best = best_rows(block)
         for r in block["rows"]:
-            cast = block["casts_us"].get(r["kernel"])
+            cast = block["casts_us"].get(r["kernel"].partition(",")[0])
             mark = ("*" if r["in_use"] else "") + (" fastest" if best.get(r["kernel"]) is r else "")
             rows.append([f"{block['size']} (C {block['C']}, {block['H']} heads)", r["kernel"],
                          f"{r['block_c']} x {r['warps']}{mark}", fmt(r["us"], ".1f"), fmt(r["tb_s"], ".2f"),

@@ -12,6 +12,8 @@ with their quartiles; the variant order rotates from round to round. Every timin
 step of the same model.
 """
 
+import contextlib
+import gc
 import re
 import statistics
 import time
@@ -21,8 +23,8 @@ import torch
 
 from gpt2.io import atomic_write_text
 
-from .common import BENCH_LR, BENCH_OPTIMIZER, NO_KV, STANDARD_MLP, apply_variant_flags, attention_settings, autocast, \
-    model_settings
+from .common import BENCH_LR, BENCH_OPTIMIZER, NO_KV, STANDARD_MLP, act_dtype, apply_variant_flags, attention_settings, \
+    autocast, model_settings
 
 # Whole-step variants, in the order they are compiled (the goal backends first, in case the budget runs out).
 # ra-reference is left out: its T x T tensors for 12 layers at batch 16 are slow by design.
@@ -61,13 +63,18 @@ def build_step(variant, w, device, compile_model):
     params = [p for p in model.parameters() if p.requires_grad]
 
     graphs = compile_model and w.get("compile_mode") == "reduce-overhead"
+    # As the trainer's step with one micro-batch (gpt2.train.step.TrainStep): the accumulation hook where the
+    # model says it pays alone (ra-unified on its kernels composes every layer in one launch each way), not
+    # under CUDA graphs.
+    hook = model.accumulation_pays_alone() and not graphs
 
     def step():
         if graphs:  # a new step: the graphs may overwrite the previous step's outputs
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device):
-            _, loss = forward(x, y)
-        loss.backward()
+        with model.accumulation(compile_model, dtype=act_dtype(device)) if hook else contextlib.nullcontext():
+            with autocast(device):
+                _, loss = forward(x, y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,6 +172,20 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps, base
         if r is not None:
             built[variant] = r[0]
             results[variant] = {"warmup_s": r[1], "rounds_ms": []}
+    # As the trainer after its warm-up steps (gpt2/train/loop.py): compilation left ~10^6 long-lived objects, and a
+    # cyclic collection walking them stalls the host for tens of ms, charged to whichever variant's step set it
+    # off (the one that allocates the most small objects: ra-unified's composition outside the graph).
+    gc.collect()
+    gc.freeze()
+    try:
+        time_rounds(bench, built, results, label, rounds, steps, baseline)
+    finally:
+        gc.unfreeze()
+    return results, built
+
+
+def time_rounds(bench, built, results, label, rounds, steps, baseline):
+    """The interleaved, bracketed rounds of build_and_time, into results (a variant that fails leaves built)."""
     for i in range(rounds):
         sequence = bracket_sequence(list(built), i, baseline)
         times = []
@@ -194,7 +215,6 @@ def build_and_time(bench, w, variants, build, label, warmup, rounds, steps, base
                 results[variant]["rounds_ms"].append(ms)
         for variant, ratio in bracketed_ratios(sequence, times, baseline):
             results[variant].setdefault("round_ratios", []).append(ratio)
-    return results, built
 
 
 def summarize(results, tokens_per_step, baseline=BASELINE):

@@ -223,3 +223,27 @@ def test_a_sizes_run_that_measured_nothing_does_not_claim_the_section():
     assert "sizes from the run of d1 (367 s)" in note and "d2" not in note
     report["sizes"] = blocks + [{**fresh, "date": "d0"}]
     assert "sizes (each row names the run that measured it) from the run of d1" in merged_note(report)
+
+
+def test_timed_rounds_run_with_the_compiled_heap_frozen():
+    """build_and_time times its rounds as the trainer runs its steps after warm-up: long-lived objects frozen out
+    of the cyclic collector (a collection mid-round would be charged to one variant), and unfrozen afterwards."""
+    import gc
+
+    from bench.common import Bench
+    from bench.step import build_and_time
+
+    gc.unfreeze()
+    seen = {"build": [], "timed": []}
+
+    def build(variant):
+        seen["build"].append(gc.get_freeze_count())
+        return lambda: seen["timed"].append(gc.get_freeze_count())
+
+    bench = Bench(torch.device("cpu"), smoke=True, budget_s=600)
+    results, built = build_and_time(bench, {"compile": False}, ["sdpa", "ra-unified"], build, "test", warmup=1,
+                                    rounds=2, steps=2)
+    assert set(built) == {"sdpa", "ra-unified"} and len(results["ra-unified"]["round_ratios"]) == 2
+    assert seen["build"] == [0, 0]
+    assert seen["timed"] and all(count > 0 for count in seen["timed"][2:])  # the first two: warm-up, in build
+    assert gc.get_freeze_count() == 0
