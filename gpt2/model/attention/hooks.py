@@ -73,16 +73,19 @@ def _unified_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, RAUnifiedAttention)]
 
 
+def _one_launch(modules) -> bool:
+    return bool(modules) and all(m.kernels_take(m.c_attn.weight) for m in modules)
+
+
 def composes_in_one_launch(model: nn.Module) -> bool:
     """Whether cached_composition composes the model's ra-unified layers in one launch each way (the Triton
     kernels run on their weights): then caching pays even with one micro-batch per optimizer step."""
-    modules = _unified_modules(model)
-    return bool(modules) and all(m.kernels_take(m.c_attn.weight) for m in modules)
+    return _one_launch(_unified_modules(model))
 
 
 def _compose(modules, compiled: bool, dtype):
     """[(W~, b~ or None)] of every module, in dtype (None: the parameters')."""
-    if all(m.kernels_take(m.c_attn.weight) for m in modules):
+    if _one_launch(modules):
         return compose_every_layer([m.kernel_inputs() for m in modules], dtype or modules[0].c_attn.weight.dtype)
     composed = (_compose_layer_by_layer_compiled() if compiled else _compose_layer_by_layer)(modules)
     return [(w.to(dtype), None if b is None else b.to(dtype)) if dtype else (w, b) for w, b in composed]
