@@ -58,15 +58,15 @@ def build_training(variant, w, device, compile_model):
 
 
 def build_step(variant, w, device, compile_model):
+    from gpt2.train.step import caches_composition
+
     model, optimizer, forward, x, y = build_training(variant, w, device, compile_model)
     x, y = x.to(device), y.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     graphs = compile_model and w.get("compile_mode") == "reduce-overhead"
-    # As the trainer's step with one micro-batch (gpt2.train.step.TrainStep): the accumulation hook where the
-    # model says it pays alone (ra-unified on its kernels composes every layer in one launch each way), not
-    # under CUDA graphs.
-    hook = model.accumulation_pays_alone() and not graphs
+    # As the trainer's step with one micro-batch and one process decides (gpt2.train.step.TrainStep).
+    hook = caches_composition(model, 1, False, None, graphs)
 
     def step():
         if graphs:  # a new step: the graphs may overwrite the previous step's outputs

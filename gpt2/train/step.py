@@ -25,6 +25,15 @@ def autocast_context(device: torch.device, precision: str):
     return nullcontext if dtype is None else (lambda: torch.autocast(device_type="cuda", dtype=dtype))
 
 
+def caches_composition(raw_model: GPT, grad_accum: int, ddp: bool, composition_reduce, cuda_graphs: bool) -> bool:
+    """Whether a step enters the model's accumulation hook (TrainStep's default; the benchmarks' steps ask too):
+    under DDP only with its reduction, else with several micro-steps, or with one where the model says it pays
+    alone. Not alone under CUDA graphs: composed weights as fresh leaves every step made ra-unified's graphed
+    mini step 4.9x slower on an H200 (results/bench/attention-notes.md); in-graph composition is not."""
+    return composition_reduce is not None or not ddp and (
+        grad_accum > 1 or not cuda_graphs and raw_model.accumulation_pays_alone())
+
+
 def effective_precision(device: torch.device, precision: str) -> str:
     return precision if device.type == "cuda" else "fp32"
 
@@ -69,10 +78,7 @@ class TrainStep:
         self.model, self.raw_model, self.optimizer = model, raw_model, optimizer
         self.device, self.grad_accum, self.grad_clip, self.ddp = device, grad_accum, grad_clip, ddp
         if cache_composition is None:
-            # Not alone under CUDA graphs: composed weights as fresh leaves every step made ra-unified's graphed
-            # mini step 4.9x slower on an H200 (results/bench/attention-notes.md); in-graph composition is not.
-            cache_composition = composition_reduce is not None or not ddp and (
-                grad_accum > 1 or not cuda_graphs and raw_model.accumulation_pays_alone())
+            cache_composition = caches_composition(raw_model, grad_accum, ddp, composition_reduce, cuda_graphs)
         if cache_composition and ddp and composition_reduce is None:
             raise ValueError("cached composition under DDP needs composition_reduce (and a DDP built by "
                              "distributed.wrap_ddp); without it, it is single-process only (see TrainStep)")

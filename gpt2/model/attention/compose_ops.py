@@ -189,10 +189,9 @@ def compose_every_layer(layers: list, out_dtype: torch.dtype) -> list:
         groups.setdefault(_signature(x, out_dtype), []).append(i)
     composed = [None] * len(layers)
     for members in groups.values():
-        first = layers[members[0]]
+        first, n = layers[members[0]], len(members)
         flat = [t for i in members for t in _tensors(layers[i])]
-        outs = _EveryLayer.apply(len(members), first.std_dim, first.rec_threshold, first.u_dim, out_dtype, *flat)
-        n = len(members)
+        outs = _EveryLayer.apply(n, first.std_dim, first.rec_threshold, first.u_dim, out_dtype, *flat)
         for k, i in enumerate(members):
             composed[i] = (outs[k], outs[n + k] if len(outs) > n else None)
     return composed
